@@ -1,0 +1,33 @@
+# Every target uses the project's own virtual environment; `make test` makes it when missing.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test lint typecheck run bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy engine audit governance gateway
+
+# pytest exits 5 when it collected nothing: that is a failure here, never a pass.
+test: $(STAMP) lint
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "FAIL: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+run: $(STAMP)
+	$(VENV)/bin/flexgate db upgrade
+	$(VENV)/bin/flexgate demo build --if-missing
+	$(VENV)/bin/flexgate serve --host 127.0.0.1 --port 8000
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

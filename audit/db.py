@@ -1,0 +1,116 @@
+"""Database layer: one async engine per URL, the shared declarative Base, schema checks.
+
+Every table of the project is declared on `Base` (governance imports it), and the one Alembic
+history in migrations/ creates them; nothing here calls `create_all`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import MetaData, event
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase
+
+from audit import settings
+from audit.errors import DatabaseUnavailable, SchemaOutOfDate
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets readers run beside the single writer; busy_timeout makes concurrent processes
+    # wait for the write lock instead of failing at once.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str | None = None, **kwargs: Any) -> AsyncEngine:
+    """Create an async engine for `url` (default: settings.database_url())."""
+    url = url or settings.database_url()
+    if is_sqlite(url):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, **kwargs)
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_async_engine(url, **kwargs)
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def translate_errors() -> AsyncIterator[None]:
+    """Turn driver-level connection failures into DatabaseUnavailable."""
+    try:
+        yield
+    except (OperationalError, DBAPIError, OSError, ConnectionError) as exc:
+        if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not isinstance(
+            exc, OperationalError
+        ):
+            raise
+        raise DatabaseUnavailable(f"database unreachable: {exc}") from exc
+
+
+def alembic_config(url: str | None = None) -> Any:
+    """The Alembic configuration of the one migration history, for any URL."""
+    from alembic.config import Config
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = Config(str(root / "alembic.ini"))
+    cfg.set_main_option("script_location", str(root / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", (url or settings.database_url()).replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    def _current(sync_conn: Any) -> str | None:
+        return MigrationContext.configure(sync_conn).get_current_revision()
+
+    async with translate_errors(), engine.connect() as conn:
+        return await conn.run_sync(_current)
+
+
+async def ensure_schema_current(engine: AsyncEngine) -> None:
+    """Refuse to run on a schema that is not at the migrations' head."""
+    current = await current_revision(engine)
+    head = head_revision()
+    if current != head:
+        raise SchemaOutOfDate(
+            f"database schema is at {current or 'nothing'}, the code needs {head}: "
+            "run `flexgate db upgrade`"
+        )
