@@ -13,7 +13,12 @@ from typing import Any
 
 from sqlalchemy import MetaData, event
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase
 
 from audit import settings
@@ -71,8 +76,10 @@ async def translate_errors() -> AsyncIterator[None]:
     try:
         yield
     except (OperationalError, DBAPIError, OSError, ConnectionError) as exc:
-        if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not isinstance(
-            exc, OperationalError
+        if (
+            isinstance(exc, DBAPIError)
+            and not exc.connection_invalidated
+            and not isinstance(exc, OperationalError)
         ):
             raise
         raise DatabaseUnavailable(f"database unreachable: {exc}") from exc
@@ -114,3 +121,16 @@ async def ensure_schema_current(engine: AsyncEngine) -> None:
             f"database schema is at {current or 'nothing'}, the code needs {head}: "
             "run `flexgate db upgrade`"
         )
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> None:
+    """Migrate to `revision`; synchronous, so call it via asyncio.to_thread inside a loop."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str | None, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)
