@@ -1,0 +1,210 @@
+"""Group commit: one writer task per process turns concurrent appends into few transactions.
+
+For callers without a transaction of their own (the gateway's inference records). Each
+`await writer.append(...)` returns only once its record has committed. While one batch
+commits, the appends that arrive queue up and go together in the next transaction (up to
+`max_batch`), so under load many records share one head lock, one round of statements and
+one fsync, and with a single caller nothing waits for company (no added latency). A batch
+commits whole or not at all: if its transaction fails, every caller in it gets the error and
+none of its records exists. A bad record is refused in the caller, before it is queued, so it
+can never fail a batch of others.
+
+The writer also takes signed checkpoints every `checkpoint_every` records or
+`checkpoint_interval_s` seconds (decided under the head lock, so several processes sharing
+the database do not duplicate them), in a transaction of its own: a checkpoint failure is
+logged and never fails an append.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit import settings
+from audit.checkpoints import Checkpoint, create_checkpoint, latest_checkpoint, maybe_checkpoint
+from audit.db import make_sessionmaker, translate_errors
+from audit.ledger import Entry, Prepared, append_locked, lock_head, prepare
+from audit.signing import Signer
+
+log = logging.getLogger(__name__)
+
+_Item = tuple[Prepared, "asyncio.Future[Entry]"]
+
+
+class LedgerWriter:
+    """The process's ledger writer; use as `async with LedgerWriter(engine) as w: ...`.
+
+    `signer=None` disables automatic checkpoints (on-demand `checkpoint()` then needs one).
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_batch: int = 1000,
+        signer: Signer | None = None,
+        checkpoint_every: int | None = None,
+        checkpoint_interval_s: float | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self._sessionmaker = make_sessionmaker(engine)
+        self._max_batch = max_batch
+        self._signer = signer
+        auto = signer is not None
+        self._every = (checkpoint_every or settings.checkpoint_every()) if auto else None
+        self._interval = (
+            (checkpoint_interval_s or settings.checkpoint_interval_s()) if auto else None
+        )
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._last_checkpoint_record = 0  # seq of the latest checkpoint's own record, as known
+        self._last_checkpoint_time = time.monotonic()
+
+    async def __aenter__(self) -> LedgerWriter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        if self._signer is not None:
+            async with translate_errors(), self._sessionmaker() as session:
+                last = await latest_checkpoint(session)
+            self._last_checkpoint_record = last.size + 1 if last else 0
+        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    async def close(self) -> None:
+        """Commit everything queued so far, then stop; later appends raise RuntimeError."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is None:
+            return
+        await self._queue.put(None)
+        await self._task
+
+    async def append(self, *, kind: str, principal: str | None, payload: dict[str, Any]) -> Entry:
+        """Append one record in the next group commit; returns once it has committed.
+
+        ValueError for a record that cannot be appended (nothing queued); DatabaseUnavailable
+        (or the database's error) if its batch could not commit, in which case it does not
+        exist. Cancelling the caller does not withdraw a record already queued.
+        """
+        if self._closed or self._task is None:
+            raise RuntimeError("the ledger writer is not running")
+        item = prepare(kind, principal, payload)
+        future: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        return await asyncio.shield(future)
+
+    async def checkpoint(self) -> Checkpoint:
+        """Make a signed checkpoint now (on demand), over every record committed so far."""
+        if self._signer is None:
+            raise RuntimeError("this ledger writer has no signing key")
+        async with translate_errors(), self._sessionmaker.begin() as session:
+            cp = await create_checkpoint(session, self._signer)
+        self._note_checkpoint(cp)
+        return cp
+
+    def _note_checkpoint(self, cp: Checkpoint) -> None:
+        self._last_checkpoint_record = max(self._last_checkpoint_record, cp.size + 1)
+        self._last_checkpoint_time = time.monotonic()
+
+    async def _run(self) -> None:
+        try:
+            await self._loop()
+        finally:  # cancelled or stopped: nobody may wait forever on a record never written
+            self._closed = True
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is not None and not item[1].done():
+                    item[1].set_exception(RuntimeError("the ledger writer stopped"))
+
+    async def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._next_item()
+            if first is None:
+                break
+            batch: list[_Item] = [first]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            last_seq = await self._commit(batch)
+            if last_seq is not None:
+                await self._checkpoint_if_due(last_seq)
+
+    async def _next_item(self) -> _Item | None:
+        """The next queued item; wakes up for interval checkpoints while idle."""
+        while True:
+            if self._interval is None:
+                return await self._queue.get()
+            wait = self._last_checkpoint_time + self._interval - time.monotonic()
+            try:
+                return await asyncio.wait_for(self._queue.get(), timeout=max(wait, 0.001))
+            except TimeoutError:
+                await self._checkpoint_if_due(None)
+
+    async def _commit(self, batch: list[_Item]) -> int | None:
+        try:
+            async with translate_errors(), self._sessionmaker.begin() as session:
+                state = await lock_head(session)
+                entries = await append_locked(session, state, [item for item, _ in batch])
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return None
+        for (_, future), entry in zip(batch, entries, strict=True):
+            if not future.done():
+                future.set_result(entry)
+        return entries[-1].seq
+
+    async def _checkpoint_if_due(self, last_seq: int | None) -> None:
+        if self._signer is None:
+            return
+        pending_estimate = (last_seq or 0) - self._last_checkpoint_record
+        by_count = self._every is not None and pending_estimate >= self._every
+        by_time = (
+            self._interval is not None
+            and time.monotonic() - self._last_checkpoint_time >= self._interval
+        )
+        if not (by_count or by_time):
+            return
+        try:
+            async with translate_errors(), self._sessionmaker.begin() as session:
+                cp = await maybe_checkpoint(
+                    session, self._signer, every=self._every, interval_s=self._interval
+                )
+                latest = cp or await latest_checkpoint(session)
+        except Exception:
+            log.exception("ledger checkpoint failed; appends go on")
+            self._last_checkpoint_time = time.monotonic()
+            return
+        if latest is not None:
+            self._note_checkpoint(latest)
+        else:
+            self._last_checkpoint_time = time.monotonic()
+
+
+async def append_now(
+    engine: AsyncEngine, *, kind: str, principal: str | None, payload: dict[str, Any]
+) -> Entry:
+    """Append one record in a transaction of its own (for scripts and the CLI)."""
+    item = prepare(kind, principal, payload)
+    async with translate_errors(), make_sessionmaker(engine).begin() as session:
+        state = await lock_head(session)
+        (entry,) = await append_locked(session, state, [item])
+    return entry
