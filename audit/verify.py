@@ -149,6 +149,7 @@ class _Run:
         self.checked = 0
         self.frontier = merkle.Frontier()
         self.prev = GENESIS_HASH
+        self.before: str | None = None
         self.prev_at = ""
         self.expected = from_seq
         self.good_size = 0  # size of the latest checkpoint found good
@@ -253,11 +254,18 @@ class _Run:
         nodes = self.frontier.nodes
         size = self.frontier.size
         prev, prev_at, expected = self.prev, self.prev_at, self.expected
+        before = self.before  # prev_hash of the previous record
         try:
             for seq, rid, kind, at, principal, payload, prev_hash, digest in rows:
                 if seq != expected:
                     raise _Tampered(expected, f"record {expected} is missing (deleted)")
                 if prev_hash != prev:
+                    if prev_hash == before:
+                        raise _Tampered(
+                            seq - 1,
+                            f"record {seq - 1} was inserted: records {seq - 1} and {seq} "
+                            f"both follow record {seq - 2}",
+                        )
                     raise _Tampered(
                         seq,
                         f"record {seq}'s prev_hash is not the hash of record {seq - 1} "
@@ -286,12 +294,12 @@ class _Run:
                     s >>= 1
                 nodes.append(h)
                 size += 1
-                prev, prev_at = digest, at
+                before, prev, prev_at = prev_hash, digest, at
                 expected += 1
         finally:
             self.frontier.size = size
             self.count += expected - self.expected
-            self.prev, self.prev_at, self.expected = prev, prev_at, expected
+            self.prev, self.prev_at, self.expected, self.before = prev, prev_at, expected, before
 
     def _checkpoint_record(self, seq: int, kind: str, payload: str, row: Checkpoint | None) -> None:
         """Record `seq` is a checkpoint record, or a stored checkpoint says it should be one."""

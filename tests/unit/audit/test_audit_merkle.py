@@ -130,7 +130,7 @@ def test_every_proof_verifies_and_binds(size: int, data: st.DataObject) -> None:
     cproof = merkle.consistency_proof(old, leaves)
     assert merkle.verify_consistency(old, size, merkle.root_of(leaves[:old]), root, cproof)
     if 0 < old < size:
-        wrong = merkle.root_of([*leaves[:old - 1], _flip(leaves[old - 1])])
+        wrong = merkle.root_of([*leaves[: old - 1], _flip(leaves[old - 1])])
         assert not merkle.verify_consistency(old, size, wrong, root, cproof)
 
 
