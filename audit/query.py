@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import BigInteger, ColumnElement, and_, cast, exists, func, literal, or_, select
+from sqlalchemy import BigInteger, ColumnElement, cast, exists, func, literal, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -266,7 +266,7 @@ async def query_records(session: AsyncSession, query: RecordQuery) -> Page:
     conn = await session.connection()
     stmt = (
         select(*RECORD_COLUMNS)
-        .where(and_(*_conditions(query, conn.dialect.name)))
+        .where(*_conditions(query, conn.dialect.name))
         .order_by(LedgerRecord.seq)
         .limit(query.limit)
     )
