@@ -137,7 +137,8 @@ async def _export(
             if writer is None:
                 yield json.dumps({HEADER_KEY: header}) + "\n"
             else:
-                yield writer.line(CSV_COLUMNS) + writer.meta(HEADER_KEY, header)
+                yield writer.line(CSV_COLUMNS)
+                yield writer.meta(HEADER_KEY, header)
         for row in rows:
             if writer is None:
                 yield _jsonl_record(row)
@@ -262,6 +263,13 @@ def _parse_csv(first: str, it: Iterable[str]) -> Iterable[tuple[str, Any]]:
         yield from it
 
     reader = csv.reader(chain())
+    try:
+        yield from _csv_rows(reader)
+    except csv.Error as exc:
+        raise _Bad(None, f"CSV row {reader.line_num} is malformed: {exc}") from exc
+
+
+def _csv_rows(reader: Any) -> Iterable[tuple[str, Any]]:
     columns = next(reader, None)
     if columns is None or tuple(columns) != CSV_COLUMNS:
         raise _Bad(None, f"not a FlexGate export: the first CSV row must be {CSV_COLUMNS}")
