@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit import merkle
 from audit.canonical import canonical_json, format_time, parse_time
+from audit.db import db_errors
 from audit.errors import AuditError, InvalidQuery
 from audit.ledger import (
     CHECKPOINT,
@@ -105,11 +106,13 @@ def is_hex_hash(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX64
 
 
+@db_errors
 async def create_checkpoint(session: AsyncSession, signer: Signer) -> Checkpoint:
     """Sign a checkpoint over every record so far, inside the caller's transaction."""
     return await _checkpoint_locked(session, await lock_head(session), signer)
 
 
+@db_errors
 async def maybe_checkpoint(
     session: AsyncSession,
     signer: Signer,
@@ -146,6 +149,7 @@ async def _checkpoint_locked(session: AsyncSession, state: HeadState, signer: Si
     return cp
 
 
+@db_errors
 async def latest_checkpoint(session: AsyncSession) -> Checkpoint | None:
     row = await session.scalar(
         select(LedgerCheckpoint).order_by(LedgerCheckpoint.size.desc()).limit(1)
@@ -153,11 +157,13 @@ async def latest_checkpoint(session: AsyncSession) -> Checkpoint | None:
     return None if row is None else Checkpoint._from_row(row)
 
 
+@db_errors
 async def get_checkpoint(session: AsyncSession, size: int) -> Checkpoint | None:
     row = await session.get(LedgerCheckpoint, size)
     return None if row is None else Checkpoint._from_row(row)
 
 
+@db_errors
 async def list_checkpoints(
     session: AsyncSession, *, after: int | None = None, limit: int = 100
 ) -> list[Checkpoint]:
@@ -285,6 +291,7 @@ async def _checkpoint_or_latest(session: AsyncSession, size: int | None) -> Chec
     return cp
 
 
+@db_errors
 async def inclusion_proof(
     session: AsyncSession, seq: int, *, checkpoint_size: int | None = None
 ) -> InclusionProof:
@@ -310,6 +317,7 @@ async def inclusion_proof(
     return proof
 
 
+@db_errors
 async def consistency_proof(
     session: AsyncSession, old_size: int, new_size: int | None = None
 ) -> ConsistencyProof:

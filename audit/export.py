@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from audit import merkle
 from audit.canonical import canonical_json, format_time, json_string, record_hash
 from audit.checkpoints import Checkpoint, StoredTree, latest_checkpoint
+from audit.db import db_errors, translate_errors
 from audit.errors import InvalidQuery, SigningKeyError
 from audit.models import LedgerRecord
 from audit.query import RECORD_COLUMNS, parse_when
@@ -83,6 +84,7 @@ class _Csv:
         return self.line([f"#{key}", "", "", "", "", json.dumps(body), "", ""])
 
 
+@db_errors
 async def export_lines(
     session: AsyncSession,
     *,
@@ -106,6 +108,19 @@ async def export_lines(
 
 
 async def _export(
+    session: AsyncSession,
+    fmt: str,
+    start: datetime | None,
+    end: datetime | None,
+    public_key_pem: str | None,
+    page: int,
+) -> AsyncIterator[str]:
+    async with translate_errors():
+        async for line in _export_lines(session, fmt, start, end, public_key_pem, page):
+            yield line
+
+
+async def _export_lines(
     session: AsyncSession,
     fmt: str,
     start: datetime | None,

@@ -28,6 +28,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from audit.canonical import canonical_json, format_time, parse_time, stored_record_hash
+from audit.db import db_errors
 from audit.merkle import Frontier, leaf_hash
 from audit.models import GENESIS_HASH, LedgerHead, LedgerMerkleNode, LedgerRecord, LedgerUsage
 
@@ -142,6 +143,7 @@ class HeadState:
     frontier: Frontier
 
 
+@db_errors
 async def lock_head(session: AsyncSession) -> HeadState:
     """Lock the chain head for the rest of the transaction and return it.
 
@@ -337,6 +339,7 @@ async def _upsert_usage(
     await conn.execute(stmt, rows)
 
 
+@db_errors
 async def append_many(session: AsyncSession, records: list[NewRecord]) -> list[Entry]:
     """Append records in order inside the session's current transaction (not committed here).
 
@@ -358,6 +361,7 @@ async def append(
     return entry
 
 
+@db_errors
 async def head(session: AsyncSession) -> tuple[int, str]:
     """(seq, hash) of the latest committed record; (0, GENESIS_HASH) for an empty ledger."""
     row = (await session.execute(select(LedgerHead.seq, LedgerHead.hash))).first()

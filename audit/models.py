@@ -8,13 +8,47 @@ checkpoints, and the usage summary that makes aggregation independent of the led
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Double, Index, Integer, SmallInteger, String, Text
-from sqlalchemy.orm import Mapped, mapped_column
+import json
+from typing import Any
 
+from sqlalchemy import (
+    BigInteger,
+    Dialect,
+    Double,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    type_coerce,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from audit.canonical import canonical_json
 from audit.db import Base
 
 GENESIS_HASH = "0" * 64
 SEQ_TYPE = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class CanonicalJSON(TypeDecorator[Any]):
+    """A JSON object kept as its canonical text (the hashed bytes); a dict in Python.
+
+    ORM users (`record.payload["x"]`) see a dict; the ledger's own hot paths read the text
+    itself through `PAYLOAD_TEXT` and never re-encode it. Text already given is stored as is.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        return canonical_json(value).decode("utf-8")
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else json.loads(value)
 
 
 class LedgerRecord(Base):
@@ -36,7 +70,7 @@ class LedgerRecord(Base):
     kind: Mapped[str] = mapped_column(String(64))
     at: Mapped[str] = mapped_column(String(27), index=True)
     principal: Mapped[str | None] = mapped_column(String(255))
-    payload: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(CanonicalJSON())
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
 
@@ -111,3 +145,7 @@ class LedgerUsage(Base):
     requests: Mapped[int] = mapped_column(BigInteger)
     tokens: Mapped[int] = mapped_column(BigInteger)
     weight: Mapped[float] = mapped_column(Double)
+
+
+# The stored payload text, selected without decoding (hashing, export, verification).
+PAYLOAD_TEXT = type_coerce(LedgerRecord.payload, Text).label("payload")

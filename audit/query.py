@@ -24,20 +24,34 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import BigInteger, ColumnElement, cast, exists, func, literal, or_, select
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Text,
+    cast,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    type_coerce,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit.canonical import format_time, parse_time
+from audit.db import db_errors
 from audit.errors import InvalidQuery
 from audit.ledger import INFERENCE, Entry, _add_usage, inference_usage
-from audit.models import LedgerRecord, LedgerUsage
+from audit.models import PAYLOAD_TEXT, LedgerRecord, LedgerUsage
 
 MAX_LIMIT = 1000
 EXPERT_MODES = ("used", "allowed", "excluded", "any")
 STATUSES = ("ok", "error", "cancelled")
 # The same character sets as governance.names (audit imports nothing of governance).
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+# Principals also include system actors such as `operator:cli`.
+_PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,254}")
 _PURPOSE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _KIND_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 QUERY_PARAMS = (
@@ -112,7 +126,7 @@ class RecordQuery:
 
     def __post_init__(self) -> None:
         _check(self.kind, _KIND_RE, "kind")
-        _check(self.principal, _ID_RE, "principal")
+        _check(self.principal, _PRINCIPAL_RE, "principal")
         _check(self.expert, _ID_RE, "expert")
         _check(self.purpose, _PURPOSE_RE, "purpose")
         for expert in self.scope_experts or ():
@@ -189,7 +203,7 @@ RECORD_COLUMNS = (
     LedgerRecord.kind,
     LedgerRecord.at,
     LedgerRecord.principal,
-    LedgerRecord.payload,
+    PAYLOAD_TEXT,
     LedgerRecord.prev_hash,
     LedgerRecord.hash,
 )
@@ -200,7 +214,8 @@ class _Json:
 
     def __init__(self, dialect: str) -> None:
         self.pg = dialect == "postgresql"
-        self.doc: Any = cast(LedgerRecord.payload, JSONB) if self.pg else LedgerRecord.payload
+        text = type_coerce(LedgerRecord.payload, Text)
+        self.doc: Any = cast(text, JSONB) if self.pg else text
 
     def text(self, key: str) -> ColumnElement[Any]:
         if self.pg:
@@ -261,6 +276,7 @@ def _conditions(query: RecordQuery, dialect: str) -> list[ColumnElement[bool]]:
     return where
 
 
+@db_errors
 async def query_records(session: AsyncSession, query: RecordQuery) -> Page:
     """One page of records matching `query`, in seq order after `query.after`."""
     conn = await session.connection()
@@ -276,6 +292,7 @@ async def query_records(session: AsyncSession, query: RecordQuery) -> Page:
     return Page(records, records[-1].seq if more and records else None)
 
 
+@db_errors
 async def get_record(
     session: AsyncSession, seq: int, *, scope_experts: Sequence[str] | None = None
 ) -> Entry | None:
@@ -316,6 +333,7 @@ def _day_start(value: datetime) -> datetime:
     return datetime.combine(value.date(), time(), tzinfo=UTC)
 
 
+@db_errors
 async def usage(
     session: AsyncSession,
     *,
@@ -337,7 +355,7 @@ async def usage(
         raise InvalidQuery(f"invalid by {by!r}: one of expert, principal, day")
     for e in experts or ():
         _check(e, _ID_RE, "expert")
-    _check(principal, _ID_RE, "principal")
+    _check(principal, _PRINCIPAL_RE, "principal")
     _check(purpose, _PURPOSE_RE, "purpose")
     start, end = parse_when(since, "since"), parse_when(until, "until")
     if start is not None and end is not None and start >= end:
@@ -449,9 +467,7 @@ async def _inference_between(
     while True:
         rows = (
             await session.execute(
-                select(
-                    LedgerRecord.seq, LedgerRecord.at, LedgerRecord.principal, LedgerRecord.payload
-                )
+                select(LedgerRecord.seq, LedgerRecord.at, LedgerRecord.principal, PAYLOAD_TEXT)
                 .where(
                     LedgerRecord.kind == INFERENCE,
                     LedgerRecord.at >= format_time(start),

@@ -37,9 +37,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from audit import merkle
 from audit.canonical import canonical_json, stored_record_hash
 from audit.checkpoints import Checkpoint, StoredTree
+from audit.db import db_errors
 from audit.errors import AuditError, InvalidQuery
 from audit.ledger import CHECKPOINT, HEAD_ID
-from audit.models import GENESIS_HASH, LedgerCheckpoint, LedgerHead, LedgerRecord
+from audit.models import GENESIS_HASH, PAYLOAD_TEXT, LedgerCheckpoint, LedgerHead, LedgerRecord
 from audit.signing import trusted_public_keys
 
 PAGE = 5000
@@ -50,7 +51,7 @@ _RECORD_COLUMNS = (
     LedgerRecord.kind,
     LedgerRecord.at,
     LedgerRecord.principal,
-    LedgerRecord.payload,
+    PAYLOAD_TEXT,
     LedgerRecord.prev_hash,
     LedgerRecord.hash,
 )
@@ -94,6 +95,7 @@ class _Tampered(Exception):
         self.reason = reason
 
 
+@db_errors
 async def verify(
     session: AsyncSession,
     *,
