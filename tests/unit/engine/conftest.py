@@ -42,7 +42,9 @@ BIAS = (0.0, -0.7, -1.5, -0.3)
 @pytest.fixture(scope="session")
 def tiny_bias_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """As tiny_dir but with the FlexOlmo paper's per-expert router bias."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_bias"), IDS, seed=2, router_bias=BIAS)
+    return build_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny_bias"), IDS, seed=2, router_bias=BIAS
+    )
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +76,7 @@ def prune(
     k = min(ref.config.num_experts_per_tok, len(keep))
     model.config.num_experts = len(keep)
     model.config.num_experts_per_tok = k
+    model.num_experts, model.num_experts_per_tok = len(keep), k
     idx = torch.tensor(keep)
     for layer in model.model.layers:
         moe = layer.mlp

@@ -29,7 +29,9 @@ def ref_logits(model: FlexOlmoForCausalLM, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-def test_all_experts_match_transformers(eng: Engine, tiny_dir: Path, reference_for: Ref, input_ids: torch.Tensor) -> None:
+def test_all_experts_match_transformers(
+    eng: Engine, tiny_dir: Path, reference_for: Ref, input_ids: torch.Tensor
+) -> None:
     expected = ref_logits(reference_for(tiny_dir), input_ids)
     got = eng.forward(input_ids).logits
     assert got.dtype == torch.float32
@@ -43,7 +45,11 @@ def test_all_experts_match_transformers(eng: Engine, tiny_dir: Path, reference_f
     [("public",), ("math",), ("public", "news"), ("code", "news", "math"), ("news", "code")],
 )
 def test_allowed_set_equals_pruned_model(
-    eng: Engine, tiny_dir: Path, reference_for: Ref, input_ids: torch.Tensor, allowed: tuple[str, ...]
+    eng: Engine,
+    tiny_dir: Path,
+    reference_for: Ref,
+    input_ids: torch.Tensor,
+    allowed: tuple[str, ...],
 ) -> None:
     keep = [IDS.index(i) for i in allowed]
     expected = ref_logits(prune(reference_for(tiny_dir), keep), input_ids)
@@ -54,7 +60,9 @@ def test_allowed_set_equals_pruned_model(
     assert (full - got).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("allowed", [("public",), ("a", "d"), ("public", "b", "c"), ("a", "b", "c", "d")])
+@pytest.mark.parametrize(
+    "allowed", [("public",), ("a", "d"), ("public", "b", "c"), ("a", "b", "c", "d")]
+)
 def test_top_k_above_set_size_and_norm_topk(
     tiny_norm_dir: Path, reference_for: Ref, input_ids: torch.Tensor, allowed: tuple[str, ...]
 ) -> None:
@@ -62,7 +70,9 @@ def test_top_k_above_set_size_and_norm_topk(
     assert eng.config.num_experts_per_tok == 3 and eng.config.norm_topk_prob
     keep = [eng.expert_ids.index(i) for i in allowed]
     expected = ref_logits(prune(reference_for(tiny_norm_dir), keep), input_ids)
-    torch.testing.assert_close(eng.forward(input_ids, allowed=allowed).logits, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        eng.forward(input_ids, allowed=allowed).logits, expected, atol=ATOL, rtol=0
+    )
 
 
 def test_mixed_batch_each_row_equals_its_pruned_model(
@@ -206,7 +216,9 @@ def test_kv_cache_decode_matches_full_forward(eng: Engine, input_ids: torch.Tens
         out = eng.model(input_ids=input_ids[:, :5], cache=cache, use_cache=True, routing=ctl)
         steps = [out.logits]
         for t in range(5, input_ids.shape[1]):
-            out = eng.model(input_ids=input_ids[:, t : t + 1], cache=out.cache, use_cache=True, routing=ctl)
+            out = eng.model(
+                input_ids=input_ids[:, t : t + 1], cache=out.cache, use_cache=True, routing=ctl
+            )
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
     assert torch.equal(ctl.tokens, full_ctl.tokens)
@@ -238,7 +250,9 @@ def test_router_bias_is_applied_and_matches_biased_pruned_model(
     for allowed in (IDS, ("public", "news"), ("code", "news", "math"), ("math",)):
         keep = [IDS.index(i) for i in allowed]
         expected = ref_logits(prune(ref, keep, bias=BIAS), input_ids)
-        torch.testing.assert_close(eng.forward(input_ids, allowed=allowed).logits, expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            eng.forward(input_ids, allowed=allowed).logits, expected, atol=ATOL, rtol=0
+        )
     # without the bias the output differs: the bias matters
     unbiased = ref_logits(prune(ref, [0, 1, 2, 3]), input_ids)
     assert (unbiased - eng.forward(input_ids).logits).abs().max() > 1e-3
