@@ -74,11 +74,24 @@ class RoutingControl:
         self._acc: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pending: dict[torch.device, list[_Pending]] = {}
         self._shape: tuple[int, int] | None = None
+        self._token_mask: torch.Tensor | None = None
+        self._token_mask_on: dict[torch.device, torch.Tensor] = {}
         self.token_mask = token_mask
         self.track_usage = track_usage
         self.expert_mask = expert_mask
 
     # -- the allowed sets -------------------------------------------------------------------
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        return self._token_mask
+
+    @token_mask.setter
+    def token_mask(self, mask: torch.Tensor | None) -> None:
+        if mask is not None and (mask.dtype != torch.bool or mask.dim() != 2):
+            raise ValueError("token_mask must be a BoolTensor [batch, seq_len]")
+        self._token_mask = mask
+        self._token_mask_on = {}
 
     @property
     def expert_mask(self) -> torch.Tensor | None:
@@ -161,15 +174,18 @@ class RoutingControl:
                 f"batch of {batch} rows does not match the accumulated usage {self._shape}"
             )
         count = valid
-        if self.token_mask is not None:
-            if tuple(self.token_mask.shape) != (batch, seq_len):
+        token_mask = self._token_mask
+        if token_mask is not None:
+            if tuple(token_mask.shape) != (batch, seq_len):
                 raise ValueError(
-                    f"token_mask shape {tuple(self.token_mask.shape)} does not match the input "
+                    f"token_mask shape {tuple(token_mask.shape)} does not match the input "
                     f"({batch}, {seq_len})"
                 )
-            k = experts.shape[1]
-            tm = self.token_mask.to(experts.device, non_blocking=True)
-            tm = tm.reshape(-1, 1).expand(-1, k)
+            tm = self._token_mask_on.get(experts.device)
+            if tm is None:
+                tm = token_mask.to(experts.device, non_blocking=True).reshape(-1, 1)
+                self._token_mask_on[experts.device] = tm
+            tm = tm.expand(-1, experts.shape[1])
             count = tm if count is None else count & tm
         queue = self._pending.setdefault(experts.device, [])
         queue.append((experts, probs, count, seq_len))

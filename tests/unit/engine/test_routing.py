@@ -282,6 +282,8 @@ def test_routing_control_validates_masks() -> None:
         RoutingControl(torch.tensor([[True, False], [False, False]]))
     with pytest.raises(ValueError, match="BoolTensor"):
         RoutingControl(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="token_mask must be a BoolTensor"):
+        RoutingControl(token_mask=torch.ones(2, 3))
 
 
 def test_mask_batch_mismatch_is_an_error(eng: Engine, input_ids: torch.Tensor) -> None:

@@ -157,3 +157,9 @@ def test_many_calls_fold_exactly(eng: Engine) -> None:
             eng.model(input_ids=ids, routing=ctl)
     assert ctl.tokens.sum(dim=1).tolist() == [200 * 2 * 2 * 2] * 2
     assert ctl.weight.sum().item() < 200 * 2 * 2 * 2 * 2
+
+
+def test_token_mask_of_wrong_shape(eng: Engine, input_ids: torch.Tensor) -> None:
+    ctl = RoutingControl(eng.mask_for(None, 3), token_mask=torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not match the input"), torch.no_grad():
+        eng.model(input_ids=input_ids, routing=ctl)
