@@ -83,8 +83,8 @@ class GovernedSparseMoeBlock(nn.Module):
         self.gate = GovernedRouter(config)
         self.experts = nn.ModuleList([ExpertMLP(config) for _ in range(self.num_experts)])  # type: ignore[no-untyped-call]
         self.unloaded: set[int] = set()
-        self._direct: list[bool] | None = None
         """Experts whose weights are unloaded (engine.placement); routing to them fails."""
+        self._direct: list[bool] | None = None
 
     def forward(
         self, hidden_states: torch.Tensor, routing: RoutingControl | None = None
@@ -154,9 +154,10 @@ class GovernedSparseMoeBlock(nn.Module):
         last and are dropped), gathered once, and scattered back with one index_add."""
         n_exp = self.num_experts
         k = experts.shape[1]
-        flat = experts.reshape(-1)
+        flat = experts.reshape(-1).to(h.device)  # no-op unless the router sits elsewhere
+        weights = weights.to(h.device)
         if valid is not None:
-            flat = flat.masked_fill(~valid.reshape(-1), n_exp)
+            flat = flat.masked_fill(~valid.reshape(-1).to(h.device), n_exp)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=n_exp + 1).tolist()  # the one host sync
         order = order[: flat.numel() - counts[n_exp]]
