@@ -90,8 +90,7 @@ async def _end_read_transaction(session: AsyncSession) -> None:
         return
     if session.new or session.dirty or session.deleted:
         raise GovernanceError(
-            "the session holds uncommitted changes; a governance change runs in its own "
-            "transaction"
+            "the session holds uncommitted changes; a governance change runs in its own transaction"
         )
     await session.commit()
 

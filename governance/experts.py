@@ -90,7 +90,7 @@ def read_model_experts(model_dir: Path | str) -> list[ModelExpert]:
             raise ModelError(f"{listing}: not readable JSON: {exc}") from None
         items = data.get("experts") if isinstance(data, dict) else None
         if not isinstance(items, list) or not items:
-            raise ModelError(f"{listing}: expected {{\"experts\": [{{\"id\": …}}, …]}}")
+            raise ModelError(f'{listing}: expected {{"experts": [{{"id": …}}, …]}}')
         out: list[ModelExpert] = []
         for n, item in enumerate(items):
             if not isinstance(item, dict) or not isinstance(item.get("id"), str):
@@ -254,7 +254,7 @@ async def sync_experts(
         if public in report.registered:
             report.public_license = await _grant_public(ch, public, now)
     for expert_id, owner in report.unknown_owners.items():
-        log.warning("expert %s: owner %r is not a principal yet", expert_id, owner)
+        log.info("expert %s: owner %r is not a principal yet", expert_id, owner)
     return report
 
 

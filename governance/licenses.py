@@ -28,7 +28,7 @@ from governance.errors import (
 from governance.experts import get_expert, require_owner
 from governance.identity import Identity
 from governance.models import Denial, License
-from governance.names import normalise_purposes, parse_grantee, new_id
+from governance.names import new_id, normalise_purposes, parse_grantee
 from governance.principals import get_principal
 
 
@@ -36,9 +36,7 @@ def _iso(at: datetime | None) -> str | None:
     return None if at is None else policy.encode_time(at, "")
 
 
-def _check_window(
-    valid_from: datetime | None, expires_at: datetime | None, now: datetime
-) -> None:
+def _check_window(valid_from: datetime | None, expires_at: datetime | None, now: datetime) -> None:
     for name, value in (("valid_from", valid_from), ("expires_at", expires_at)):
         if value is not None and value.tzinfo is None:
             raise InvalidWindow(f"{name} needs a time zone (use UTC, e.g. 2026-01-01T00:00:00Z)")

@@ -15,6 +15,7 @@ Documented sets:
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Iterable
 
 from governance.errors import InvalidGrantee, InvalidId, InvalidPurpose, InvalidRole
@@ -49,7 +50,8 @@ def check_purpose(value: str) -> str:
     """A request's purpose: one name from the documented set (never `*`)."""
     if not isinstance(value, str) or not _PURPOSE_RE.fullmatch(value):
         raise InvalidPurpose(
-            f"invalid purpose {value!r}: use 1-64 of a-z 0-9 . _ - (starting with a letter or digit)"
+            f"invalid purpose {value!r}: use 1-64 of a-z 0-9 . _ - "
+            "(starting with a letter or digit)"
         )
     return value
 
@@ -74,9 +76,10 @@ def subject_of_group(group: str) -> str:
 
 
 def parse_grantee(value: str) -> tuple[str, str]:
-    """Split a grantee into (kind, name): ("principal", id), ("group", g), ("role", r), ("any", "*").
+    """Validate a grantee and split it into (kind, name).
 
-    The returned policy subject is the grantee string itself, validated.
+    Kinds: ("principal", id), ("group", name), ("role", name), ("any", "*"). The policy
+    subject is the grantee string itself.
     """
     if value == ANY:
         return "any", ANY
@@ -105,6 +108,4 @@ def parse_grantee(value: str) -> tuple[str, str]:
 
 def new_id(prefix: str) -> str:
     """A short random id for licenses (`lic_…`) and deny rules (`den_…`), easy to type."""
-    import secrets
-
     return f"{prefix}_{secrets.token_hex(8)}"
