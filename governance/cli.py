@@ -80,19 +80,17 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool
         click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in columns).rstrip())
 
 
-class UtcTime(click.ParamType):
+def _utc_time(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
     """ISO 8601 time; without a zone it is taken as UTC."""
-
-    name = "TIME"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, datetime):
-            return value
-        try:
-            at = datetime.fromisoformat(str(value))
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO 8601 time (e.g. 2026-12-01T00:00:00Z)", param, ctx)
-        return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO 8601 time (e.g. 2026-12-01T00:00:00Z)"
+        ) from None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -343,8 +341,8 @@ def licenses() -> None:
 @click.argument("expert_id")
 @click.argument("grantee")
 @click.option("--purpose", "purposes", multiple=True, help="Repeatable; default: every purpose.")
-@click.option("--valid-from", type=UtcTime(), default=None)
-@click.option("--expires-at", type=UtcTime(), default=None)
+@click.option("--valid-from", metavar="TIME", callback=_utc_time, help="ISO 8601; UTC if no zone.")
+@click.option("--expires-at", metavar="TIME", callback=_utc_time, help="ISO 8601, exclusive.")
 @click.option("--note", default=None)
 def licenses_grant(
     expert_id: str,

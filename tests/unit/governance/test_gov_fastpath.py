@@ -79,8 +79,8 @@ def random_policies(draw: st.DrawFn) -> RandomPolicy:
     p = draw(st.lists(p_rules(), max_size=25, unique_by=tuple))
     member = st.tuples(st.sampled_from(PRINCIPALS), st.sampled_from(GROUPS + ROLES))
     nested = st.tuples(st.sampled_from(GROUPS), st.sampled_from(GROUPS + ROLES))
-    g = draw(st.lists(st.one_of(member, member, nested), max_size=8, unique=True))
-    g = [list(link) for link in g if link[0] != link[1]]
+    links = draw(st.lists(st.one_of(member, member, nested), max_size=8, unique=True))
+    g = [list(link) for link in links if link[0] != link[1]]
     withdrawn = draw(st.lists(st.sampled_from(EXPERTS), max_size=2, unique=True))
     return RandomPolicy(p=p, g=g, g2=[[e, policy.WITHDRAWN] for e in withdrawn])
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import governance.models  # noqa: F401  (registers the tables)
-from audit.db import Base, current_revision, head_revision
+from audit.db import Base, current_revision, downgrade, head_revision, make_engine, upgrade
 
 GOVERNANCE_TABLES = {
     "principals",
@@ -49,3 +51,17 @@ async def test_models_match_migrations(db_engine: AsyncEngine) -> None:
     ours = [d for d in diffs if _table_of(d) in GOVERNANCE_TABLES]
     assert ours == [], ours
     assert await current_revision(db_engine) == head_revision() == "0100_governance"
+
+
+async def test_downgrade_and_upgrade_again(db_url: str) -> None:
+    """0100_governance drops cleanly back to the ledger alone, and comes back."""
+    await asyncio.to_thread(downgrade, db_url, "0001_ledger")
+    engine = make_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            tables = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+        assert not tables & GOVERNANCE_TABLES and {"ledger_records", "ledger_head"} <= tables
+        await asyncio.to_thread(upgrade, db_url)
+        assert await current_revision(engine) == "0100_governance"
+    finally:
+        await engine.dispose()
