@@ -1,7 +1,10 @@
 """Property, end to end on both databases: whatever sequence of grants, revocations, deny
 rules, withdrawals and reinstatements the services accept, the allowed set (read back through
 the Casbin adapter and the compiled policy) holds exactly the experts with a matching, valid,
-unrevoked license row and no active deny row, with the reasons the rows imply."""
+unrevoked license row and no active deny row, with the reasons the rows imply.
+
+Examples share the test's database and build on one another's state (a fresh database per
+example would cost a second each on PostgreSQL); the property must hold in any state."""
 
 from __future__ import annotations
 
