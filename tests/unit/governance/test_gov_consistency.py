@@ -51,35 +51,36 @@ async def test_every_change_bumps_the_version_and_is_ledgered(world: World) -> N
     async with world.sm() as s:
         version = await read_version(s)
     seq = len(await _ledger(world))
-    steps: list[tuple[str, Any]] = []
+    steps: list[tuple[str, str, str]] = []  # (kind, id the payload names, actor)
+    op = OPERATOR.id
     async with world.sm() as s:
         p = await add_principal(s, actor=OPERATOR, principal_id="olive", roles=["data_owner"])
-        steps.append(("principal.created", p.id))
+        steps.append(("principal.created", p.id, op))
         key, _ = await create_key(s, actor=OPERATOR, principal_id="olive")
-        steps.append(("key.created", key.id))
+        steps.append(("key.created", key.id, op))
         await revoke_key(s, actor=OPERATOR, key_id=key.id)
-        steps.append(("key.revoked", key.id))
+        steps.append(("key.revoked", key.id, op))
         await assign_owner(s, actor=OPERATOR, expert_id="math", owner_id="olive")
-        steps.append(("expert.owner_assigned", "math"))
+        steps.append(("expert.owner_assigned", "math", op))
         lic = await grant_license(s, actor=OLGA, expert_id="code", grantee="group:research")
-        steps.append(("license.granted", lic.id))
+        steps.append(("license.granted", lic.id, "olga"))
         await revoke_license(s, actor=OLGA, license_id=lic.id)
-        steps.append(("license.revoked", lic.id))
+        steps.append(("license.revoked", lic.id, "olga"))
         den = await deny(s, actor=OLGA, expert_id="code", grantee="app-1")
-        steps.append(("license.denied", den.id))
+        steps.append(("license.denied", den.id, "olga"))
         await lift_denial(s, actor=OLGA, denial_id=den.id)
-        steps.append(("license.deny_lifted", den.id))
+        steps.append(("license.deny_lifted", den.id, "olga"))
         await withdraw_expert(s, actor=OLGA, expert_id="code")
-        steps.append(("expert.withdrawn", "code"))
+        steps.append(("expert.withdrawn", "code", "olga"))
         await reinstate_expert(s, actor=OLGA, expert_id="code")
-        steps.append(("expert.reinstated", "code"))
+        steps.append(("expert.reinstated", "code", "olga"))
         assert await read_version(s) == version + len(steps)
     records = (await _ledger(world))[seq:]
-    assert [r.kind for r in records] == [k for k, _ in steps]
-    for n, (record, (_, subject)) in enumerate(zip(records, steps, strict=True)):
+    assert [r.kind for r in records] == [kind for kind, _, _ in steps]
+    for n, (record, (_, subject, actor)) in enumerate(zip(records, steps, strict=True)):
         assert record.payload["policy_version"] == version + n + 1
         assert subject in record.payload.values()
-        assert record.principal == ("olga" if "license" in record.kind or n >= 8 else OPERATOR.id)
+        assert record.principal == actor
 
 
 async def test_failed_ledger_append_rolls_the_change_back(
