@@ -4,11 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck run bench clean
+.PHONY: venv test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
@@ -23,11 +22,6 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "FAIL: pytest collected no tests" >&2; exit 1; fi; exit $$rc
-
-run: $(STAMP)
-	$(VENV)/bin/flexgate db upgrade
-	$(VENV)/bin/flexgate demo build --if-missing
-	$(VENV)/bin/flexgate serve --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

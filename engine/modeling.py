@@ -1,0 +1,324 @@
+"""The governed FlexOlmo model: transformers' FlexOlmo with a governed sparse MoE block.
+
+Everything but the MoE block is transformers' own (attention, RMS norms, rotary embeddings, KV
+cache, causal mask). The MoE block differs in three ways:
+
+- each expert is its own module (``experts.E.{gate,up,down}_proj``, transformers'
+  ``FlexOlmoMLP``), matching the per-expert keys on disk, so that accelerate can place or offload
+  every expert separately and an expert can be unloaded and loaded back;
+- routing is governed by a :class:`~engine.routing.RoutingControl` (per-row allowed sets,
+  usage accounting); an expert outside a row's set is never computed;
+- the router may carry a per-expert bias (``mlp.gate.bias``, the FlexOlmo paper's negative
+  bias on non-public experts), added to the router logits when present.
+
+Tokens are grouped by expert (one stable sort and one bincount per layer) and only the experts
+that received tokens run, each on its own device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import FlexOlmoConfig
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.flex_olmo import modeling_flex_olmo as fo
+
+from engine.errors import ExpertSetError
+from engine.routing import RoutingControl
+
+__all__ = [
+    "ROUTER_BIAS_ATTR",
+    "GovernedFlexOlmoDecoderLayer",
+    "GovernedFlexOlmoForCausalLM",
+    "GovernedFlexOlmoModel",
+    "GovernedRouter",
+    "GovernedSparseMoeBlock",
+]
+
+ROUTER_BIAS_ATTR = "router_bias"
+"""Config attribute (bool): the checkpoint carries ``model.layers.N.mlp.gate.bias``."""
+
+ExpertMLP = fo.FlexOlmoMLP
+"""One expert's FFN: transformers' FlexOlmoMLP (gate_proj, up_proj, down_proj, SiLU)."""
+
+
+class GovernedRouter(nn.Module):
+    """The router: logits = h @ W.T (+ bias), computed only for the experts asked for."""
+
+    def __init__(self, config: FlexOlmoConfig) -> None:
+        super().__init__()
+        self.num_experts: int = config.num_experts
+        self.hidden_dim: int = config.hidden_size
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+        self.bias: nn.Parameter | None = None
+        if getattr(config, ROUTER_BIAS_ATTR, False):
+            self.bias = nn.Parameter(torch.zeros(self.num_experts))
+
+    def forward(
+        self, hidden_states: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Router logits ``[tokens, len(rows) or num_experts]`` in the hidden dtype."""
+        weight = self.weight if rows is None else self.weight.index_select(0, rows)
+        logits = F.linear(hidden_states, weight)
+        if self.bias is not None:
+            bias = self.bias if rows is None else self.bias.index_select(0, rows)
+            logits = logits + bias.to(logits.dtype)
+        return logits
+
+
+class GovernedSparseMoeBlock(nn.Module):
+    """Sparse MoE block with per-expert modules and governed top-k routing."""
+
+    def __init__(self, config: FlexOlmoConfig) -> None:
+        super().__init__()
+        self.num_experts: int = config.num_experts
+        self.top_k: int = config.num_experts_per_tok
+        self.norm_topk_prob: bool = bool(config.norm_topk_prob)
+        self.gate = GovernedRouter(config)
+        self.experts = nn.ModuleList([ExpertMLP(config) for _ in range(self.num_experts)])  # type: ignore[no-untyped-call]
+        self.unloaded: set[int] = set()
+        """Experts whose weights are unloaded (engine.placement); routing to them fails."""
+        self._direct: list[bool] | None = None
+
+    def forward(
+        self, hidden_states: torch.Tensor, routing: RoutingControl | None = None
+    ) -> torch.Tensor:
+        batch, seq_len, hidden_dim = hidden_states.shape
+        h = hidden_states.reshape(-1, hidden_dim)
+        n_tok = h.shape[0]
+        plan = None
+        if routing is not None and routing.expert_mask is not None:
+            plan = routing.plan(h.device, self.top_k, self.num_experts, batch)
+        union = plan.union if plan is not None else None
+        row_mask = plan.row_mask if plan is not None else None
+        k = plan.top_k if plan is not None else min(self.top_k, self.num_experts)
+        if self.unloaded:
+            used = plan.union_ids if plan is not None else None
+            bad = sorted(self.unloaded if used is None else self.unloaded.intersection(used))
+            if bad:
+                raise ExpertSetError(f"experts at router rows {bad} are unloaded", map(str, bad))
+
+        logits = self.gate(h, union)
+        n_cols = logits.shape[1]
+        if row_mask is not None:
+            logits = logits.view(batch, seq_len, n_cols).masked_fill(
+                ~row_mask.to(logits.device).unsqueeze(1), float("-inf")
+            )
+            logits = logits.view(n_tok, n_cols)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        top_p, top_i = torch.topk(probs, k, dim=-1)
+        valid: torch.Tensor | None = None
+        if row_mask is not None:
+            # A selection is real only if the row may use that expert (rows with |S| < k get
+            # fewer selections); the others are never computed and weigh nothing.
+            rm = row_mask.to(top_i.device).unsqueeze(1).expand(batch, seq_len, n_cols)
+            valid = torch.gather(rm, 2, top_i.view(batch, seq_len, k)).view(n_tok, k)
+            top_p = top_p.masked_fill(~valid, 0.0)
+        top_w = top_p / top_p.sum(dim=-1, keepdim=True) if self.norm_topk_prob else top_p
+        top_w = top_w.to(logits.dtype)
+        experts = top_i if union is None else union.to(top_i.device)[top_i]
+
+        if routing is not None:
+            routing.accumulate(experts, top_p, valid, batch, seq_len, self.num_experts)
+        return self._dispatch(h, experts, top_w, valid).view(batch, seq_len, hidden_dim)
+
+    def reset_placement_cache(self) -> None:
+        """Forget which experts can be called directly; call after hooks change."""
+        self._direct = None
+
+    def _direct_flags(self) -> list[bool]:
+        """Per expert: no accelerate hook on it or its projections, so its weights lie on the
+        block's device and it can run as three plain matmuls (no module-call overhead)."""
+        if self._direct is None:
+            self._direct = [
+                not any(hasattr(m, "_hf_hook") for m in expert.modules()) for expert in self.experts
+            ]
+        return self._direct
+
+    def _dispatch(
+        self,
+        h: torch.Tensor,
+        experts: torch.Tensor,
+        weights: torch.Tensor,
+        valid: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Run each selected expert once on the tokens routed to it; sum weighted outputs.
+
+        Selections are sorted by expert (sentinel ``num_experts`` for invalid ones, which sort
+        last and are dropped), gathered once, and scattered back with one index_add."""
+        n_exp = self.num_experts
+        k = experts.shape[1]
+        flat = experts.reshape(-1).to(h.device)  # no-op unless the router sits elsewhere
+        weights = weights.to(h.device)
+        if valid is not None:
+            flat = flat.masked_fill(~valid.reshape(-1).to(h.device), n_exp)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=n_exp + 1).tolist()  # the one host sync
+        order = order[: flat.numel() - counts[n_exp]]
+        token_of = order // k
+        x = h.index_select(0, token_of)
+        direct = self._direct_flags()
+        outs: list[torch.Tensor] = []
+        start = 0
+        for e in range(n_exp):
+            c = counts[e]
+            if c == 0:
+                continue
+            xe = x[start : start + c]
+            start += c
+            expert = cast(ExpertMLP, self.experts[e])
+            if direct[e]:
+                gate = F.linear(xe, expert.gate_proj.weight)
+                up = F.linear(xe, expert.up_proj.weight)
+                outs.append(F.linear(expert.act_fn(gate) * up, expert.down_proj.weight))
+            else:  # accelerate hooks bring offloaded weights in, or run it on its own device
+                outs.append(expert(xe).to(h.device))
+        out = torch.zeros_like(h)
+        if outs:
+            y = torch.cat(outs) if len(outs) > 1 else outs[0]
+            w = weights.reshape(-1).index_select(0, order).unsqueeze(1)
+            out.index_add_(0, token_of, (y * w).to(out.dtype))
+        return out
+
+
+class GovernedFlexOlmoDecoderLayer(GradientCheckpointingLayer):  # type: ignore[no-untyped-call]
+    """transformers' FlexOlmo decoder layer with the governed MoE block."""
+
+    def __init__(self, config: FlexOlmoConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = fo.FlexOlmoAttention(config=config, layer_idx=layer_idx)
+        self.mlp = GovernedSparseMoeBlock(config)
+        self.post_attention_layernorm = fo.FlexOlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = fo.FlexOlmoRMSNorm(
+            config.hidden_size, config.rms_norm_eps
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        routing: RoutingControl | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        # .to() is a no-op unless accelerate placed the parts of this layer on different devices
+        hidden_states = residual.to(hidden_states.device) + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.mlp(hidden_states, routing=routing)
+        hidden_states = self.post_feedforward_layernorm(hidden_states)
+        return residual.to(hidden_states.device) + hidden_states
+
+
+class GovernedFlexOlmoPreTrainedModel(fo.FlexOlmoPreTrainedModel):  # type: ignore[no-untyped-call]
+    # each expert FFN, the router and each attention block are placeable units of their own
+    _no_split_modules = ["FlexOlmoAttention", "FlexOlmoMLP", "GovernedRouter"]  # noqa: RUF012
+    _can_record_outputs = {  # noqa: RUF012
+        "hidden_states": GovernedFlexOlmoDecoderLayer,
+        "attentions": fo.FlexOlmoAttention,
+    }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        PreTrainedModel._init_weights(self, module)  # type: ignore[no-untyped-call]
+        if isinstance(module, GovernedRouter):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+class GovernedFlexOlmoModel(GovernedFlexOlmoPreTrainedModel, fo.FlexOlmoModel):  # type: ignore[no-untyped-call]
+    """FlexOlmoModel whose decoder layers carry the governed MoE block."""
+
+    def __init__(self, config: FlexOlmoConfig) -> None:
+        GovernedFlexOlmoPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [GovernedFlexOlmoDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = fo.FlexOlmoRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = fo.FlexOlmoRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()  # type: ignore[no-untyped-call]
+
+
+class GovernedFlexOlmoForCausalLM(GovernedFlexOlmoPreTrainedModel, fo.FlexOlmoForCausalLM):
+    """FlexOlmoForCausalLM with governed routing: ``model(..., routing=RoutingControl(...))``.
+
+    ``routing=None`` allows every expert in every row and tracks no usage. Everything else
+    (KV cache, attention masks, ``logits_to_keep``) is transformers' own.
+    """
+
+    def __init__(self, config: FlexOlmoConfig) -> None:
+        GovernedFlexOlmoPreTrainedModel.__init__(self, config)
+        self.model = GovernedFlexOlmoModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.router_aux_loss_coef = config.router_aux_loss_coef
+        self.num_experts = config.num_experts
+        self.num_experts_per_tok = config.num_experts_per_tok
+        self.post_init()  # type: ignore[no-untyped-call]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        routing: RoutingControl | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> MoeCausalLMOutputWithPast:
+        """Logits for ``input_ids`` under ``routing``; ``cache`` (alias ``past_key_values``)
+        is the KV cache, returned in ``out.cache`` (alias ``out.past_key_values``)."""
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("pass either cache or past_key_values, not both")
+            cache = past_key_values
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            routing=routing,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        assert hidden_states is not None
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep:
+                hidden_states = hidden_states[:, -logits_to_keep:, :]
+        else:
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head(hidden_states)
+        return MoeCausalLMOutputWithPast(
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
