@@ -187,7 +187,7 @@ async def test_usage_summary_matches_the_records(db_engine: AsyncEngine, sm: Any
         by_principal = {r.key: r for r in await usage(s, by="principal")}
         by_day = await usage(s, by="day")
         payloads = [
-            json.loads(p)
+            p
             for p in (
                 await s.scalars(
                     select(LedgerRecord.payload).where(LedgerRecord.kind == "inference")
@@ -281,7 +281,7 @@ async def test_checkpoints_on_demand_by_count_and_time(
     assert sizes[:2] == [10, 21] and sizes[-1] == on_demand.size == len(records) - 1
     for cp in cps:  # each checkpoint is itself the ledger record after the ones it covers
         seq, kind, payload = records[cp.size]
-        assert (seq, kind, json.loads(payload)) == (cp.size + 1, "checkpoint", cp.as_dict())
+        assert (seq, kind, payload) == (cp.size + 1, "checkpoint", cp.as_dict())
         assert cp.check_signature({signer.key_id: signer.public_key}) is None
     async with sm.begin() as s:
         assert await maybe_checkpoint(s, signer, every=100, interval_s=None) is None
