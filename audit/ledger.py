@@ -143,15 +143,20 @@ class HeadState:
     frontier: Frontier
 
 
-@db_errors
-async def lock_head(session: AsyncSession) -> HeadState:
-    """Lock the chain head for the rest of the transaction and return it.
+def head_state(row: Any) -> HeadState:
+    """HeadState from a (seq, hash, at, frontier) row of ledger_head."""
+    if row is None:
+        raise RuntimeError("ledger head row is missing: run `flexgate db upgrade`")
+    seq, digest, at, frontier = int(row[0]), str(row[1]), row[2], str(row[3])
+    return HeadState(seq, digest, at, Frontier.from_text(seq, frontier))
 
-    PostgreSQL: `SELECT ... FOR UPDATE`, a row lock that leaves no dead row version behind.
-    SQLite: a no-op UPDATE, which takes the database's single write lock before anything is
-    read (a plain SELECT would not, and two appenders could then read the same head).
-    """
-    conn = await session.connection()
+
+# The head lock on PostgreSQL, as plain SQL for the writer's own connection.
+PG_LOCK_SQL = "SELECT seq, hash, at, frontier FROM ledger_head WHERE id = 1 FOR UPDATE"
+
+
+async def lock_connection(conn: AsyncConnection) -> HeadState:
+    """`lock_head` on a connection (in a transaction) rather than a session."""
     columns = (LedgerHead.seq, LedgerHead.hash, LedgerHead.at, LedgerHead.frontier)
     if conn.dialect.name == "postgresql":
         stmt: Any = select(*columns).where(LedgerHead.id == HEAD_ID).with_for_update()
@@ -162,19 +167,34 @@ async def lock_head(session: AsyncSession) -> HeadState:
             .values(seq=LedgerHead.seq)
             .returning(*columns)
         )
-    row = (await conn.execute(stmt)).first()
-    if row is None:
-        raise RuntimeError("ledger head row is missing: run `flexgate db upgrade`")
-    seq, digest, at, frontier = int(row[0]), str(row[1]), row[2], str(row[3])
-    return HeadState(seq, digest, at, Frontier.from_text(seq, frontier))
+    return head_state((await conn.execute(stmt)).first())
 
 
-async def append_locked(
-    session: AsyncSession, state: HeadState, records: Sequence[Prepared]
-) -> list[Entry]:
-    """Append prepared records after `lock_head`; updates `state` and the derived tables."""
-    if not records:
-        return []
+@db_errors
+async def lock_head(session: AsyncSession) -> HeadState:
+    """Lock the chain head for the rest of the transaction and return it.
+
+    PostgreSQL: `SELECT ... FOR UPDATE`, a row lock that leaves no dead row version behind.
+    SQLite: a no-op UPDATE, which takes the database's single write lock before anything is
+    read (a plain SELECT would not, and two appenders could then read the same head).
+    """
+    return await lock_connection(await session.connection())
+
+
+@dataclass(slots=True)
+class Batch:
+    """Records chained onto a locked head, with everything their transaction must write."""
+
+    entries: list[Entry]
+    columns: tuple[list[Any], ...]  # seq, id, kind, at, principal, payload, prev_hash, hash
+    nodes: list[tuple[int, int, str]]  # stored Merkle subtrees completed by these records
+    usage: dict[tuple[str, str, str, str], list[float]]  # summary increments
+    head: tuple[int, str, str, str]  # the new seq, hash, at, frontier
+
+
+def build_batch(state: HeadState, records: Sequence[Prepared]) -> Batch:
+    """Chain `records` onto `state` (pure computation; advances `state.frontier` in place,
+    so `state` must be discarded if the batch is not written)."""
     now = datetime.now(UTC)
     at_text = format_time(now)
     if state.at is not None and at_text < state.at:
@@ -207,21 +227,34 @@ async def append_locked(
         if rec.usage is not None:
             _add_usage(usage, at_text[:10], rec.principal or "", *rec.usage)
         prev = digest
-    new_head = (seq, prev, at_text, frontier.to_text())
-    conn = await session.connection()
+    return Batch(entries, cols, nodes, usage, (seq, prev, at_text, frontier.to_text()))
+
+
+async def write_batch(conn: AsyncConnection, batch: Batch) -> None:
+    """Write a batch in the connection's transaction, after the head was locked."""
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "asyncpg":
-        await _write_postgresql(conn, cols, nodes, usage, new_head)
+        await conn.exec_driver_sql(PG_WRITE_SQL, pg_write_args(batch))
     else:
-        await _write_portable(conn, cols, nodes, usage, new_head)
-    state.seq, state.hash, state.at = seq, prev, at_text
-    return entries
+        await _write_portable(conn, batch)
+
+
+async def append_locked(
+    session: AsyncSession, state: HeadState, records: Sequence[Prepared]
+) -> list[Entry]:
+    """Append prepared records after `lock_head`; updates `state` and the derived tables."""
+    if not records:
+        return []
+    batch = build_batch(state, records)
+    await write_batch(await session.connection(), batch)
+    state.seq, state.hash, state.at = batch.head[0], batch.head[1], batch.head[2]
+    return batch.entries
 
 
 _RECORD_KEYS = ("seq", "id", "kind", "at", "principal", "payload", "prev_hash", "hash")
 
 # Every write of an append in one statement and one round trip (data-modifying CTEs run
 # exactly once, whether or not the main statement reads them); arrays carry the rows.
-_PG_WRITE = """
+PG_WRITE_SQL = """
 WITH records AS (
     INSERT INTO ledger_records (seq, id, kind, at, principal, payload, prev_hash, hash)
     SELECT * FROM unnest($1::bigint[], $2::varchar[], $3::varchar[], $4::varchar[],
@@ -242,15 +275,10 @@ UPDATE ledger_head SET seq = $19, hash = $20, at = $21, frontier = $22 WHERE id 
 """
 
 
-async def _write_postgresql(
-    conn: AsyncConnection,
-    cols: tuple[list[Any], ...],
-    nodes: list[tuple[int, int, str]],
-    usage: dict[tuple[str, str, str, str], list[float]],
-    new_head: tuple[int, str, str, str],
-) -> None:
-    """All writes of one append in a single round trip (the hot path of group commit)."""
-    node_cols: list[list[Any]] = [list(c) for c in zip(*nodes, strict=True)] or [[], [], []]
+def pg_write_args(batch: Batch) -> tuple[Any, ...]:
+    """The 22 parameters of PG_WRITE_SQL."""
+    node_cols: list[list[Any]] = [list(c) for c in zip(*batch.nodes, strict=True)] or [[], [], []]
+    usage = batch.usage
     keys = list(usage)
     usage_cols: list[list[Any]] = [
         [k[0] for k in keys],
@@ -261,28 +289,24 @@ async def _write_postgresql(
         [int(usage[k][1]) for k in keys],
         [float(usage[k][2]) for k in keys],
     ]
-    await conn.exec_driver_sql(_PG_WRITE, (*cols, *node_cols, *usage_cols, *new_head))
+    return (*batch.columns, *node_cols, *usage_cols, *batch.head)
 
 
-async def _write_portable(
-    conn: AsyncConnection,
-    cols: tuple[list[Any], ...],
-    nodes: list[tuple[int, int, str]],
-    usage: dict[tuple[str, str, str, str], list[float]],
-    new_head: tuple[int, str, str, str],
-) -> None:
-    """Core statements on the session's connection (same transaction); the ORM's bulk paths
-    cost several times more per statement."""
-    rows = [dict(zip(_RECORD_KEYS, values, strict=True)) for values in zip(*cols, strict=True)]
+async def _write_portable(conn: AsyncConnection, batch: Batch) -> None:
+    """Core statements on the connection (same transaction); the ORM's bulk paths cost
+    several times more per statement."""
+    rows = [
+        dict(zip(_RECORD_KEYS, values, strict=True)) for values in zip(*batch.columns, strict=True)
+    ]
     await conn.execute(insert(LedgerRecord), rows)
-    if nodes:
+    if batch.nodes:
         await conn.execute(
             insert(LedgerMerkleNode),
-            [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in nodes],
+            [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in batch.nodes],
         )
-    if usage:
-        await _upsert_usage(conn, usage)
-    seq, digest, at, frontier = new_head
+    if batch.usage:
+        await _upsert_usage(conn, batch.usage)
+    seq, digest, at, frontier = batch.head
     await conn.execute(
         update(LedgerHead)
         .where(LedgerHead.id == HEAD_ID)

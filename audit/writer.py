@@ -18,16 +18,31 @@ logged and never fails an append.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit import settings
 from audit.checkpoints import Checkpoint, create_checkpoint, latest_checkpoint, maybe_checkpoint
 from audit.db import make_sessionmaker, translate_errors
-from audit.ledger import Entry, Prepared, append_locked, lock_head, prepare
+from audit.errors import AuditError, DatabaseUnavailable
+from audit.ledger import (
+    PG_LOCK_SQL,
+    PG_WRITE_SQL,
+    Entry,
+    Prepared,
+    append_locked,
+    build_batch,
+    head_state,
+    lock_connection,
+    lock_head,
+    pg_write_args,
+    prepare,
+    write_batch,
+)
 from audit.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -52,7 +67,9 @@ class LedgerWriter:
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        self._engine = engine
         self._sessionmaker = make_sessionmaker(engine)
+        self._conn: AsyncConnection | None = None
         self._max_batch = max_batch
         self._signer = signer
         auto = signer is not None
@@ -91,6 +108,10 @@ class LedgerWriter:
             return
         await self._queue.put(None)
         await self._task
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     async def append(self, *, kind: str, principal: str | None, payload: dict[str, Any]) -> Entry:
         """Append one record in the next group commit; returns once it has committed.
@@ -159,9 +180,7 @@ class LedgerWriter:
 
     async def _commit(self, batch: list[_Item]) -> int | None:
         try:
-            async with translate_errors(), self._sessionmaker.begin() as session:
-                state = await lock_head(session)
-                entries = await append_locked(session, state, [item for item, _ in batch])
+            entries = await self._write([item for item, _ in batch])
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
@@ -171,6 +190,30 @@ class LedgerWriter:
             if not future.done():
                 future.set_result(entry)
         return entries[-1].seq
+
+    async def _write(self, records: list[Prepared]) -> list[Entry]:
+        """One transaction on the writer's own connection: lock the head, chain, write.
+
+        The connection is kept between batches (no pool checkout or ping per batch) and
+        dropped after any error, so the next batch starts on a fresh one.
+        """
+        if self._conn is None:
+            async with translate_errors():
+                self._conn = await self._engine.connect()
+        conn = self._conn
+        try:
+            if conn.dialect.name == "postgresql" and conn.dialect.driver == "asyncpg":
+                return await _write_asyncpg(conn, records)
+            async with translate_errors(), conn.begin():
+                batch = build_batch(await lock_connection(conn), records)
+                await write_batch(conn, batch)
+            return batch.entries
+        except BaseException:
+            self._conn = None
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+                await conn.close()
+            raise
 
     async def _checkpoint_if_due(self, last_seq: int | None) -> None:
         if self._signer is None:
@@ -208,3 +251,20 @@ async def append_now(
         state = await lock_head(session)
         (entry,) = await append_locked(session, state, [item])
     return entry
+
+
+async def _write_asyncpg(conn: AsyncConnection, records: list[Prepared]) -> list[Entry]:
+    """The PostgreSQL hot path: asyncpg itself, four round trips per batch (BEGIN, lock,
+    one statement for every write, COMMIT) and no per-statement SQLAlchemy work."""
+    import asyncpg
+
+    raw: Any = (await conn.get_raw_connection()).driver_connection
+    try:
+        async with raw.transaction():
+            batch = build_batch(head_state(await raw.fetchrow(PG_LOCK_SQL)), records)
+            await raw.execute(PG_WRITE_SQL, *pg_write_args(batch))
+    except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
+        raise DatabaseUnavailable(f"database unreachable: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        raise AuditError(f"ledger write failed: {exc}") from exc
+    return batch.entries

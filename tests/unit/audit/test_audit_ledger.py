@@ -126,20 +126,20 @@ async def test_failed_batch_fails_every_caller_and_writes_nothing(db_engine: Asy
     async with LedgerWriter(db_engine) as writer:
         import audit.writer as writer_module
 
-        original = writer_module.append_locked
+        original = writer_module.build_batch
 
-        async def broken(session: Any, state: Any, records: Any) -> Any:
-            await original(session, state, records)
+        def broken(state: Any, records: Any) -> Any:
+            original(state, records)
             raise ConnectionResetError("the database went away mid-commit")
 
-        writer_module.append_locked = broken  # type: ignore[assignment]
+        writer_module.build_batch = broken  # type: ignore[assignment]
         try:
             results = await asyncio.gather(
                 *(writer.append(kind="ok", principal="p", payload={"i": i}) for i in range(5)),
                 return_exceptions=True,
             )
         finally:
-            writer_module.append_locked = original
+            writer_module.build_batch = original
         assert all(isinstance(r, AuditError) for r in results), results
         assert (await writer.append(kind="ok", principal="p", payload={})).seq == 1
 
