@@ -225,7 +225,7 @@ def build_batch(state: HeadState, records: Sequence[Prepared]) -> Batch:
         for level, idx, node in frontier.append(leaf_hash(bytes.fromhex(digest)), NODE_MIN_LEVEL):
             nodes.append((level, idx, node.hex()))
         if rec.usage is not None:
-            _add_usage(usage, at_text[:10], rec.principal or "", *rec.usage)
+            _add_usage(usage, at_text[:13], rec.principal or "", *rec.usage)
         prev = digest
     return Batch(entries, cols, nodes, usage, (seq, prev, at_text, frontier.to_text()))
 
@@ -263,10 +263,10 @@ WITH records AS (
     INSERT INTO ledger_merkle_nodes (level, idx, hash)
     SELECT * FROM unnest($9::smallint[], $10::bigint[], $11::varchar[])
 ), usage AS (
-    INSERT INTO ledger_usage (day, principal, purpose, expert, requests, tokens, weight)
+    INSERT INTO ledger_usage (hour, principal, purpose, expert, requests, tokens, weight)
     SELECT * FROM unnest($12::varchar[], $13::varchar[], $14::varchar[], $15::varchar[],
                          $16::bigint[], $17::bigint[], $18::float8[])
-    ON CONFLICT (day, principal, purpose, expert) DO UPDATE SET
+    ON CONFLICT (hour, principal, purpose, expert) DO UPDATE SET
         requests = ledger_usage.requests + excluded.requests,
         tokens = ledger_usage.tokens + excluded.tokens,
         weight = ledger_usage.weight + excluded.weight
@@ -316,7 +316,7 @@ async def _write_portable(conn: AsyncConnection, batch: Batch) -> None:
 
 def _add_usage(
     acc: dict[tuple[str, str, str, str], list[float]],
-    day: str,
+    hour: str,
     principal: str,
     purpose: str,
     per_expert: tuple[tuple[str, int, float], ...],
@@ -326,11 +326,11 @@ def _add_usage(
         total_tokens += tokens
         total_weight += weight
         if tokens or weight:
-            cell = acc.setdefault((day, principal, purpose, expert), [0, 0, 0.0])
+            cell = acc.setdefault((hour, principal, purpose, expert), [0, 0, 0.0])
             cell[0] += 1
             cell[1] += tokens
             cell[2] += weight
-    cell = acc.setdefault((day, principal, purpose, ""), [0, 0, 0.0])
+    cell = acc.setdefault((hour, principal, purpose, ""), [0, 0, 0.0])
     cell[0] += 1
     cell[1] += total_tokens
     cell[2] += total_weight
@@ -341,7 +341,7 @@ async def _upsert_usage(
 ) -> None:
     rows = [
         {
-            "day": day,
+            "hour": hour,
             "principal": principal,
             "purpose": purpose,
             "expert": expert,
@@ -349,11 +349,11 @@ async def _upsert_usage(
             "tokens": int(cell[1]),
             "weight": float(cell[2]),
         }
-        for (day, principal, purpose, expert), cell in acc.items()
+        for (hour, principal, purpose, expert), cell in acc.items()
     ]
     stmt = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(LedgerUsage)
     stmt = stmt.on_conflict_do_update(
-        index_elements=["day", "principal", "purpose", "expert"],
+        index_elements=["hour", "principal", "purpose", "expert"],
         set_={
             "requests": LedgerUsage.requests + stmt.excluded.requests,
             "tokens": LedgerUsage.tokens + stmt.excluded.tokens,

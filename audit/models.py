@@ -129,16 +129,18 @@ class LedgerCheckpoint(Base):
 
 
 class LedgerUsage(Base):
-    """Usage of experts by day, principal and purpose, summed from `inference` records.
+    """Usage of experts by hour, principal and purpose, summed from `inference` records.
 
     Kept on append in the same transaction, so aggregating over a million records reads a few
-    hundred summary rows. `expert = ""` rows hold the request totals (every expert's tokens and
-    weight together, and each request counted once); `principal = ""` stands for none.
+    hundred summary rows; hours (not days) keep a time bound inside a day cheap, since only
+    the part-hours at the edges are summed from the records themselves. `expert = ""` rows
+    hold the request totals (every expert's tokens and weight together, and each request
+    counted once); `principal = ""` stands for none.
     """
 
     __tablename__ = "ledger_usage"
 
-    day: Mapped[str] = mapped_column(String(10), primary_key=True)
+    hour: Mapped[str] = mapped_column(String(13), primary_key=True)  # YYYY-MM-DDTHH (UTC)
     principal: Mapped[str] = mapped_column(String(255), primary_key=True)
     purpose: Mapped[str] = mapped_column(String(64), primary_key=True)
     expert: Mapped[str] = mapped_column(String(128), primary_key=True)

@@ -12,7 +12,7 @@ Expert filters (`expert_mode`): `used` — the expert computed tokens for the re
 which is what a data owner may see about their experts.
 
 Usage aggregation reads the `ledger_usage` summary (kept on append), so it costs the same at a
-thousand records or a billion; bounds inside a day add a scan of just those partial days.
+thousand records or a billion; bounds inside an hour add a scan of just those part-hours.
 """
 
 from __future__ import annotations
@@ -329,8 +329,8 @@ class UsageRow:
         }
 
 
-def _day_start(value: datetime) -> datetime:
-    return datetime.combine(value.date(), time(), tzinfo=UTC)
+def _hour_start(value: datetime) -> datetime:
+    return value.replace(minute=0, second=0, microsecond=0)
 
 
 @db_errors
@@ -361,17 +361,17 @@ async def usage(
     if start is not None and end is not None and start >= end:
         raise InvalidQuery("since must be earlier than until")
 
-    # Whole days come from the summary; a bound inside a day adds a scan of that part-day.
+    # Whole hours come from the summary; a bound inside an hour adds a scan of that part-hour.
     acc: dict[str | None, list[float]] = {}
     filters = (by, experts, principal, purpose)
     lo, hi = start, end
-    if lo is not None and lo != _day_start(lo):
-        head_end = _day_start(lo) + timedelta(days=1)
+    if lo is not None and lo != _hour_start(lo):
+        head_end = _hour_start(lo) + timedelta(hours=1)
         head_end = head_end if hi is None else min(head_end, hi)
         await _scan_usage(session, acc, lo, head_end, *filters)
         lo = head_end
-    if hi is not None and hi != _day_start(hi) and (lo is None or lo < hi):
-        tail_start = _day_start(hi) if lo is None else max(_day_start(hi), lo)
+    if hi is not None and hi != _hour_start(hi) and (lo is None or lo < hi):
+        tail_start = _hour_start(hi) if lo is None else max(_hour_start(hi), lo)
         await _scan_usage(session, acc, tail_start, hi, *filters)
         hi = tail_start
     if lo is None or hi is None or lo < hi:
@@ -393,7 +393,7 @@ async def _summary_usage(
     key: Any = {
         "expert": LedgerUsage.expert,
         "principal": LedgerUsage.principal,
-        "day": LedgerUsage.day,
+        "day": func.substr(LedgerUsage.hour, 1, 10),
     }[by]
     where: list[ColumnElement[bool]] = []
     if experts is not None:
@@ -403,9 +403,9 @@ async def _summary_usage(
     else:
         where.append(LedgerUsage.expert == "")
     if start is not None:
-        where.append(LedgerUsage.day >= start.date().isoformat())
+        where.append(LedgerUsage.hour >= format_time(start)[:13])
     if end is not None:
-        where.append(LedgerUsage.day < end.date().isoformat())
+        where.append(LedgerUsage.hour < format_time(end)[:13])
     if principal is not None:
         where.append(LedgerUsage.principal == principal)
     if purpose is not None:
@@ -446,14 +446,14 @@ async def _scan_usage(
             continue
         if purpose is not None and rec_purpose != purpose:
             continue
-        _add_usage(cells, rec_at[:10], rec_principal or "", rec_purpose, per_expert)
-    for (day, prin, _purpose, expert), (requests, tokens, weight) in cells.items():
+        _add_usage(cells, rec_at[:13], rec_principal or "", rec_purpose, per_expert)
+    for (hour, prin, _purpose, expert), (requests, tokens, weight) in cells.items():
         if experts is not None:
             if expert not in experts:
                 continue
         elif (by == "expert") != (expert != ""):
             continue
-        k = {"expert": expert, "principal": prin or None, "day": day}[by]
+        k = {"expert": expert, "principal": prin or None, "day": hour[:10]}[by]
         cell = acc.setdefault(k, [0, 0, 0.0])
         cell[0] += requests
         cell[1] += tokens

@@ -72,7 +72,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "ledger_usage",
-        sa.Column("day", sa.String(length=10), nullable=False),
+        sa.Column("hour", sa.String(length=13), nullable=False),
         sa.Column("principal", sa.String(length=255), nullable=False),
         sa.Column("purpose", sa.String(length=64), nullable=False),
         sa.Column("expert", sa.String(length=128), nullable=False),
@@ -80,7 +80,7 @@ def upgrade() -> None:
         sa.Column("tokens", sa.BigInteger(), nullable=False),
         sa.Column("weight", sa.Double(), nullable=False),
         sa.PrimaryKeyConstraint(
-            "day", "principal", "purpose", "expert", name=op.f("pk_ledger_usage")
+            "hour", "principal", "purpose", "expert", name=op.f("pk_ledger_usage")
         ),
     )
     if op.get_bind().dialect.name == "postgresql":
