@@ -45,16 +45,22 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+# WAL lets readers run beside the single writer; busy_timeout makes concurrent processes wait
+# for the write lock instead of failing at once; synchronous=FULL: a commit that returned
+# survives a power loss too (NORMAL in WAL mode only survives a crash of the process), and
+# with group commit the extra fsync is shared by a whole batch.
+SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA busy_timeout=30000",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+)
+
+
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
-    # WAL lets readers run beside the single writer; busy_timeout makes concurrent processes
-    # wait for the write lock instead of failing at once.
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    # FULL: a commit that returned survives a power loss too (NORMAL in WAL mode only survives
-    # a crash of the process); with group commit the extra fsync is shared by a whole batch.
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
+    for pragma in SQLITE_PRAGMAS:
+        cur.execute(pragma)
     cur.close()
 
 

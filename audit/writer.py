@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from typing import Any
 
@@ -27,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit import settings
 from audit.checkpoints import Checkpoint, create_checkpoint, latest_checkpoint, maybe_checkpoint
-from audit.db import make_sessionmaker, translate_errors
+from audit.db import SQLITE_PRAGMAS, make_sessionmaker, translate_errors
 from audit.errors import AuditError, DatabaseUnavailable
 from audit.ledger import (
     PG_LOCK_SQL,
@@ -70,6 +71,7 @@ class LedgerWriter:
         self._engine = engine
         self._sessionmaker = make_sessionmaker(engine)
         self._conn: AsyncConnection | None = None
+        self._sqlite: _SqliteBatchWriter | None = None
         self._max_batch = max_batch
         self._signer = signer
         auto = signer is not None
@@ -112,6 +114,9 @@ class LedgerWriter:
             conn, self._conn = self._conn, None
             with contextlib.suppress(Exception):
                 await conn.close()
+        if self._sqlite is not None:
+            self._sqlite.close()
+            self._sqlite = None
 
     async def append(self, *, kind: str, principal: str | None, payload: dict[str, Any]) -> Entry:
         """Append one record in the next group commit; returns once it has committed.
@@ -197,6 +202,8 @@ class LedgerWriter:
         The connection is kept between batches (no pool checkout or ping per batch) and
         dropped after any error, so the next batch starts on a fresh one.
         """
+        if self._engine.dialect.name == "sqlite":
+            return await self._write_sqlite(records)
         if self._conn is None:
             async with translate_errors():
                 self._conn = await self._engine.connect()
@@ -214,6 +221,20 @@ class LedgerWriter:
                 await conn.invalidate()
                 await conn.close()
             raise
+
+    async def _write_sqlite(self, records: list[Prepared]) -> list[Entry]:
+        """SQLite: the whole batch in one hop to a thread, on the writer's own sqlite3
+        connection (aiosqlite would cost one thread hop per statement)."""
+        if self._sqlite is None:
+            self._sqlite = _SqliteBatchWriter(self._engine.url.database or "")
+        try:
+            return await asyncio.to_thread(self._sqlite.write, records)
+        except (sqlite3.Error, OSError) as exc:
+            self._sqlite.close()
+            self._sqlite = None
+            if isinstance(exc, sqlite3.OperationalError | OSError):  # locked, unopenable, I/O
+                raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
+            raise AuditError(f"ledger write failed: {exc}") from exc
 
     async def _checkpoint_if_due(self, last_seq: int | None) -> None:
         if self._signer is None:
@@ -268,3 +289,57 @@ async def _write_asyncpg(conn: AsyncConnection, records: list[Prepared]) -> list
     except asyncpg.PostgresError as exc:
         raise AuditError(f"ledger write failed: {exc}") from exc
     return batch.entries
+
+
+class _SqliteBatchWriter:
+    """The writer's own sqlite3 connection (WAL, busy_timeout, synchronous=FULL as
+    `audit.db.make_engine` sets them); used by one thread at a time."""
+
+    def __init__(self, path: str) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        for pragma in SQLITE_PRAGMAS:
+            self.conn.execute(pragma)
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
+
+    def write(self, records: list[Prepared]) -> list[Entry]:
+        db = self.conn
+        # IMMEDIATE takes the write lock first (waiting up to busy_timeout for other
+        # processes), so the head read next is the head this batch extends.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute(
+                "SELECT seq, hash, at, frontier FROM ledger_head WHERE id = 1"
+            ).fetchone()
+            batch = build_batch(head_state(row), records)
+            db.executemany(
+                "INSERT INTO ledger_records (seq, id, kind, at, principal, payload, prev_hash, "
+                "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                zip(*batch.columns, strict=True),
+            )
+            if batch.nodes:
+                db.executemany(
+                    "INSERT INTO ledger_merkle_nodes (level, idx, hash) VALUES (?, ?, ?)",
+                    batch.nodes,
+                )
+            if batch.usage:
+                db.executemany(
+                    "INSERT INTO ledger_usage (hour, principal, purpose, expert, requests, "
+                    "tokens, weight) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (hour, principal, purpose, expert) DO UPDATE SET "
+                    "requests = requests + excluded.requests, "
+                    "tokens = tokens + excluded.tokens, weight = weight + excluded.weight",
+                    [(*key, int(c[0]), int(c[1]), float(c[2])) for key, c in batch.usage.items()],
+                )
+            db.execute(
+                "UPDATE ledger_head SET seq = ?, hash = ?, at = ?, frontier = ? WHERE id = 1",
+                batch.head,
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        return batch.entries
