@@ -9,6 +9,12 @@ commits whole or not at all: if its transaction fails, every caller in it gets t
 none of its records exists. A bad record is refused in the caller, before it is queued, so it
 can never fail a batch of others.
 
+Each batch is one transaction on the writer's own connection, kept between batches: on
+PostgreSQL through asyncpg itself (BEGIN, the head lock, one statement for every write,
+COMMIT); on SQLite on its own sqlite3 connection in a worker thread, one thread hop per batch
+(aiosqlite would cost one per statement). Both were measured several times faster than the
+same work through SQLAlchemy sessions (bench/audit.py, docs/benchmarks.md).
+
 The writer also takes signed checkpoints every `checkpoint_every` records or
 `checkpoint_interval_s` seconds (decided under the head lock, so several processes sharing
 the database do not duplicate them), in a transaction of its own: a checkpoint failure is
@@ -35,11 +41,9 @@ from audit.ledger import (
     PG_WRITE_SQL,
     Entry,
     Prepared,
-    append_locked,
     build_batch,
     head_state,
     lock_connection,
-    lock_head,
     pg_write_args,
     prepare,
     write_batch,
@@ -261,17 +265,6 @@ class LedgerWriter:
             self._note_checkpoint(latest)
         else:
             self._last_checkpoint_time = time.monotonic()
-
-
-async def append_now(
-    engine: AsyncEngine, *, kind: str, principal: str | None, payload: dict[str, Any]
-) -> Entry:
-    """Append one record in a transaction of its own (for scripts and the CLI)."""
-    item = prepare(kind, principal, payload)
-    async with translate_errors(), make_sessionmaker(engine).begin() as session:
-        state = await lock_head(session)
-        (entry,) = await append_locked(session, state, [item])
-    return entry
 
 
 async def _write_asyncpg(conn: AsyncConnection, records: list[Prepared]) -> list[Entry]:
