@@ -275,6 +275,12 @@ UPDATE ledger_head SET seq = $19, hash = $20, at = $21, frontier = $22 WHERE id 
 """
 
 
+# The writer's compare-and-set append (migrations/versions/0001_ledger.py): one round trip.
+PG_APPEND_SQL = (
+    "SELECT * FROM flexgate_ledger_append(" + ", ".join(f"${i}" for i in range(1, 24)) + ")"
+)
+
+
 def pg_write_args(batch: Batch) -> tuple[Any, ...]:
     """The 22 parameters of PG_WRITE_SQL."""
     node_cols: list[list[Any]] = [list(c) for c in zip(*batch.nodes, strict=True)] or [[], [], []]

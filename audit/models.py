@@ -66,7 +66,7 @@ class LedgerRecord(Base):
 
     # INTEGER on SQLite makes seq the rowid itself (one b-tree, not a table plus an index).
     seq: Mapped[int] = mapped_column(SEQ_TYPE, primary_key=True, autoincrement=False)
-    id: Mapped[str] = mapped_column(String(36), unique=True)
+    id: Mapped[str] = mapped_column(String(36))
     kind: Mapped[str] = mapped_column(String(64))
     at: Mapped[str] = mapped_column(String(27), index=True)
     principal: Mapped[str | None] = mapped_column(String(255))

@@ -10,10 +10,11 @@ none of its records exists. A bad record is refused in the caller, before it is 
 can never fail a batch of others.
 
 Each batch is one transaction on the writer's own connection, kept between batches: on
-PostgreSQL through asyncpg itself (BEGIN, the head lock, one statement for every write,
-COMMIT); on SQLite on its own sqlite3 connection in a worker thread, one thread hop per batch
-(aiosqlite would cost one per statement). Both were measured several times faster than the
-same work through SQLAlchemy sessions (bench/audit.py, docs/benchmarks.md).
+PostgreSQL one call of a function that locks the head, checks it is still the one the batch
+was chained onto, and writes everything (one round trip; on a lost race it returns the new
+head and the batch is re-chained); on SQLite on its own sqlite3 connection in a worker
+thread, one thread hop per batch (aiosqlite would cost one per statement). Both measured
+several times faster than the same work through SQLAlchemy sessions (bench/audit.py).
 
 The writer also takes signed checkpoints every `checkpoint_every` records or
 `checkpoint_interval_s` seconds (decided under the head lock, so several processes sharing
@@ -37,9 +38,9 @@ from audit.checkpoints import Checkpoint, create_checkpoint, latest_checkpoint, 
 from audit.db import SQLITE_PRAGMAS, make_sessionmaker, translate_errors
 from audit.errors import AuditError, DatabaseUnavailable
 from audit.ledger import (
-    PG_LOCK_SQL,
-    PG_WRITE_SQL,
+    PG_APPEND_SQL,
     Entry,
+    HeadState,
     Prepared,
     build_batch,
     head_state,
@@ -53,6 +54,8 @@ from audit.signing import Signer
 log = logging.getLogger(__name__)
 
 _Item = tuple[Prepared, "asyncio.Future[Entry]"]
+MAX_APPEND_TRIES = 50
+PG_HEAD_SQL = "SELECT seq, hash, at, frontier FROM ledger_head WHERE id = 1"
 
 
 class LedgerWriter:
@@ -75,6 +78,7 @@ class LedgerWriter:
         self._engine = engine
         self._sessionmaker = make_sessionmaker(engine)
         self._conn: AsyncConnection | None = None
+        self._head: HeadState | None = None  # PostgreSQL: the head after our last batch
         self._sqlite: _SqliteBatchWriter | None = None
         self._max_batch = max_batch
         self._signer = signer
@@ -214,17 +218,48 @@ class LedgerWriter:
         conn = self._conn
         try:
             if conn.dialect.name == "postgresql" and conn.dialect.driver == "asyncpg":
-                return await _write_asyncpg(conn, records)
+                return await self._write_asyncpg(conn, records)
             async with translate_errors(), conn.begin():
                 batch = build_batch(await lock_connection(conn), records)
                 await write_batch(conn, batch)
             return batch.entries
         except BaseException:
-            self._conn = None
+            self._conn, self._head = None, None
             with contextlib.suppress(Exception):
                 await conn.invalidate()
                 await conn.close()
             raise
+
+    async def _write_asyncpg(self, conn: AsyncConnection, records: list[Prepared]) -> list[Entry]:
+        """PostgreSQL: one round trip per batch in the common case (see APPEND_FUNCTION in
+        the migration): chain onto the head last seen, and if another appender moved it
+        meanwhile, chain onto the head the function returns and try again."""
+        import asyncpg
+
+        raw: Any = (await conn.get_raw_connection()).driver_connection
+        try:
+            for _ in range(MAX_APPEND_TRIES):
+                if self._head is None:
+                    self._head = head_state(await raw.fetchrow(PG_HEAD_SQL))
+                base = self._head
+                state = HeadState(base.seq, base.hash, base.at, base.frontier.copy())
+                batch = build_batch(state, records)
+                current = await raw.fetch(PG_APPEND_SQL, base.seq, *pg_write_args(batch))
+                if not current:  # written and committed
+                    state.seq, state.hash, state.at = batch.head[0], batch.head[1], batch.head[2]
+                    self._head = state
+                    return batch.entries
+                self._head = head_state(current[0])
+        except (
+            OSError,
+            TimeoutError,
+            asyncpg.InterfaceError,
+            asyncpg.PostgresConnectionError,
+        ) as exc:
+            raise DatabaseUnavailable(f"database unreachable: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise AuditError(f"ledger write failed: {exc}") from exc
+        raise AuditError(f"ledger append lost the head {MAX_APPEND_TRIES} times in a row")
 
     async def _write_sqlite(self, records: list[Prepared]) -> list[Entry]:
         """SQLite: the whole batch in one hop to a thread, on the writer's own sqlite3
@@ -265,23 +300,6 @@ class LedgerWriter:
             self._note_checkpoint(latest)
         else:
             self._last_checkpoint_time = time.monotonic()
-
-
-async def _write_asyncpg(conn: AsyncConnection, records: list[Prepared]) -> list[Entry]:
-    """The PostgreSQL hot path: asyncpg itself, four round trips per batch (BEGIN, lock,
-    one statement for every write, COMMIT) and no per-statement SQLAlchemy work."""
-    import asyncpg
-
-    raw: Any = (await conn.get_raw_connection()).driver_connection
-    try:
-        async with raw.transaction():
-            batch = build_batch(head_state(await raw.fetchrow(PG_LOCK_SQL)), records)
-            await raw.execute(PG_WRITE_SQL, *pg_write_args(batch))
-    except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
-        raise DatabaseUnavailable(f"database unreachable: {exc}") from exc
-    except asyncpg.PostgresError as exc:
-        raise AuditError(f"ledger write failed: {exc}") from exc
-    return batch.entries
 
 
 class _SqliteBatchWriter:

@@ -26,6 +26,51 @@ SEQ_TYPE = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 APPEND_ONLY = ("ledger_records", "ledger_checkpoints", "ledger_merkle_nodes")
 
 
+# PostgreSQL: one append of a batch in one round trip and one statement (audit.writer).
+# The client chains the batch onto the head it last saw; the function locks the head first
+# and writes only if the head is still at `expected_seq`, else writes nothing and returns the
+# current head, so the client re-chains onto it and tries again (compare-and-set).
+APPEND_FUNCTION = """
+CREATE FUNCTION flexgate_ledger_append(
+    expected_seq bigint,
+    r_seq bigint[], r_id varchar[], r_kind varchar[], r_at varchar[], r_principal varchar[],
+    r_payload text[], r_prev varchar[], r_hash varchar[],
+    n_level smallint[], n_idx bigint[], n_hash varchar[],
+    u_hour varchar[], u_principal varchar[], u_purpose varchar[], u_expert varchar[],
+    u_requests bigint[], u_tokens bigint[], u_weight float8[],
+    h_seq bigint, h_hash varchar, h_at varchar, h_frontier text
+) RETURNS TABLE (head_seq bigint, head_hash varchar, head_at varchar, head_frontier text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    cur record;
+BEGIN
+    SELECT h.seq, h.hash, h.at, h.frontier INTO cur FROM ledger_head h WHERE h.id = 1 FOR UPDATE;
+    IF cur.seq <> expected_seq THEN
+        head_seq := cur.seq;
+        head_hash := cur.hash;
+        head_at := cur.at;
+        head_frontier := cur.frontier;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    INSERT INTO ledger_records (seq, id, kind, at, principal, payload, prev_hash, hash)
+        SELECT * FROM unnest(r_seq, r_id, r_kind, r_at, r_principal, r_payload, r_prev, r_hash);
+    INSERT INTO ledger_merkle_nodes (level, idx, hash)
+        SELECT * FROM unnest(n_level, n_idx, n_hash);
+    INSERT INTO ledger_usage AS u (hour, principal, purpose, expert, requests, tokens, weight)
+        SELECT * FROM unnest(u_hour, u_principal, u_purpose, u_expert, u_requests, u_tokens,
+                             u_weight)
+        ON CONFLICT (hour, principal, purpose, expert) DO UPDATE SET
+            requests = u.requests + excluded.requests,
+            tokens = u.tokens + excluded.tokens,
+            weight = u.weight + excluded.weight;
+    UPDATE ledger_head SET seq = h_seq, hash = h_hash, at = h_at, frontier = h_frontier
+        WHERE id = 1;
+END
+$$
+"""
+
+
 def upgrade() -> None:
     op.create_table(
         "ledger_records",
@@ -39,7 +84,6 @@ def upgrade() -> None:
         sa.Column("prev_hash", sa.String(length=64), nullable=False),
         sa.Column("hash", sa.String(length=64), nullable=False),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_ledger_records")),
-        sa.UniqueConstraint("id", name=op.f("uq_ledger_records_id")),
     )
     op.create_index(op.f("ix_ledger_records_at"), "ledger_records", ["at"])
     op.create_index("ix_ledger_records_kind_seq", "ledger_records", ["kind", "seq"])
@@ -93,6 +137,7 @@ def upgrade() -> None:
             $$ LANGUAGE plpgsql
             """
         )
+        op.execute(APPEND_FUNCTION)
         for table in APPEND_ONLY:
             op.execute(
                 f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
@@ -110,6 +155,12 @@ def downgrade() -> None:
             op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
             op.execute(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
         op.execute("DROP FUNCTION IF EXISTS flexgate_ledger_append_only()")
+        op.execute(
+            "DROP FUNCTION IF EXISTS flexgate_ledger_append(bigint, bigint[], varchar[], "
+            "varchar[], varchar[], varchar[], text[], varchar[], varchar[], smallint[], "
+            "bigint[], varchar[], varchar[], varchar[], varchar[], varchar[], bigint[], "
+            "bigint[], float8[], bigint, varchar, varchar, text)"
+        )
     op.drop_table("ledger_usage")
     op.drop_table("ledger_checkpoints")
     op.drop_table("ledger_merkle_nodes")

@@ -345,3 +345,19 @@ async def test_no_checkpoint_yet(sm: Any) -> None:
 def _no_store_text(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("FLEXGATE_AUDIT_STORE_TEXT", raising=False)
     yield
+
+
+async def test_writer_follows_a_head_moved_by_others(db_engine: AsyncEngine, sm: Any) -> None:
+    """The writer chains onto the head it last saw; when another appender moved it, the
+    append is re-chained onto the new head (PostgreSQL's compare-and-set path)."""
+    async with LedgerWriter(db_engine) as writer:
+        first = await writer.append(kind="test", principal=None, payload={"n": 1})
+        async with sm.begin() as s:
+            other = await append(s, kind="test", principal=None, payload={"n": 2})
+        third = await writer.append(kind="test", principal=None, payload={"n": 3})
+    assert (first.seq, other.seq, third.seq) == (1, 2, 3)
+    assert third.prev_hash == other.hash
+    async with sm() as s:
+        from audit.verify import verify
+
+        assert (await verify(s, public_keys={})).ok
