@@ -116,16 +116,17 @@ def inference_usage(payload: dict[str, Any]) -> tuple[str, tuple[tuple[str, int,
     for expert, item in usage.items():
         tokens = item.get("tokens") if isinstance(item, dict) else None
         weight = item.get("weight") if isinstance(item, dict) else None
-        if (
-            not expert
-            or len(expert) > 128
-            or not isinstance(tokens, int)
-            or isinstance(tokens, bool)
-            or tokens < 0
-            or not isinstance(weight, int | float)
-            or isinstance(weight, bool)
-            or not math.isfinite(weight)
-            or weight < 0
+        # Plain builtin checks (this runs for every expert of every inference record).
+        if not (
+            isinstance(tokens, int)
+            and tokens.__class__ is not bool
+            and tokens >= 0
+            and (
+                isinstance(weight, float)
+                or (isinstance(weight, int) and weight.__class__ is not bool)
+            )
+            and 0 <= weight < math.inf
+            and 0 < len(expert) <= 128
         ):
             raise ValueError(
                 f"inference payload: usage[{expert!r}] must be "
