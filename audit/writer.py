@@ -210,7 +210,8 @@ class LedgerWriter:
         The connection is kept between batches (no pool checkout or ping per batch) and
         dropped after any error, so the next batch starts on a fresh one.
         """
-        if self._engine.dialect.name == "sqlite":
+        database = self._engine.url.database or ""
+        if self._engine.dialect.name == "sqlite" and database not in ("", ":memory:"):
             return await self._write_sqlite(records)
         if self._conn is None:
             async with translate_errors():
@@ -265,7 +266,7 @@ class LedgerWriter:
         """SQLite: the whole batch in one hop to a thread, on the writer's own sqlite3
         connection (aiosqlite would cost one thread hop per statement)."""
         if self._sqlite is None:
-            self._sqlite = _SqliteBatchWriter(self._engine.url.database or "")
+            self._sqlite = _SqliteBatchWriter(self._engine.url.database or "")  # a file
         try:
             return await asyncio.to_thread(self._sqlite.write, records)
         except (sqlite3.Error, OSError) as exc:
