@@ -29,6 +29,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.flex_olmo import modeling_flex_olmo as fo
 
+from engine.errors import ExpertSetError
 from engine.routing import RoutingControl
 
 __all__ = [
@@ -81,6 +82,8 @@ class GovernedSparseMoeBlock(nn.Module):
         self.norm_topk_prob: bool = bool(config.norm_topk_prob)
         self.gate = GovernedRouter(config)
         self.experts = nn.ModuleList([ExpertMLP(config) for _ in range(self.num_experts)])  # type: ignore[no-untyped-call]
+        self.unloaded: set[int] = set()
+        """Experts whose weights are unloaded (engine.placement); routing to them fails."""
 
     def forward(
         self, hidden_states: torch.Tensor, routing: RoutingControl | None = None
@@ -94,6 +97,11 @@ class GovernedSparseMoeBlock(nn.Module):
         union = plan.union if plan is not None else None
         row_mask = plan.row_mask if plan is not None else None
         k = plan.top_k if plan is not None else min(self.top_k, self.num_experts)
+        if self.unloaded:
+            used = plan.union_ids if plan is not None else None
+            bad = sorted(self.unloaded if used is None else self.unloaded.intersection(used))
+            if bad:
+                raise ExpertSetError(f"experts at router rows {bad} are unloaded", map(str, bad))
 
         logits = self.gate(h, union)
         n_cols = logits.shape[1]

@@ -37,6 +37,8 @@ class RoutingPlan:
     """[batch, u] bool: row may use union column; None when every row may use every column."""
     top_k: int
     """Selections per token: min(k, u)."""
+    union_ids: tuple[int, ...] | None = None
+    """Host copy of ``union`` (None for all experts)."""
 
 
 class RoutingControl:
@@ -117,7 +119,12 @@ class RoutingControl:
             sub = mask if all_in else mask[:, union_ids]
             row_mask = None if bool(sub.all()) else sub.to(device, non_blocking=True)
             union = None if all_in else union_ids.to(device, non_blocking=True)
-            plan = RoutingPlan(union, row_mask, min(top_k, int(union_ids.numel())))
+            plan = RoutingPlan(
+                union,
+                row_mask,
+                min(top_k, int(union_ids.numel())),
+                None if all_in else tuple(union_ids.tolist()),
+            )
         self._plans[key] = plan
         return plan
 

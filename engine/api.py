@@ -1,0 +1,290 @@
+"""The engine's public API: :func:`load_engine` and :class:`Engine`.
+
+>>> eng = load_engine("path/to/flexolmo", device_map="cpu")          # doctest: +SKIP
+>>> res = eng.forward(ids, allowed=[{"public", "code"}, {"public"}])  # doctest: +SKIP
+>>> res.logits.shape, res.usage[0]["code"]                           # doctest: +SKIP
+(torch.Size([2, 7, 100352]), (42, 17.3))
+
+For an allowed set S the logits equal those of the same model with the experts outside S
+physically deleted (router rows and FFNs removed, ``num_experts = |S|``,
+``top_k = min(k, |S|)``); experts outside S are never computed. Usage per row and expert is
+``(tokens, weight)``: the number of (token, layer) top-k selections of that expert and the sum of
+their router probabilities (softmax over S); 0 and 0.0 when excluded. Prompt and generated
+tokens both count; padding (``attention_mask == 0``) does not.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, FlexOlmoConfig, PreTrainedTokenizerBase
+
+from engine import loading, placement
+from engine.errors import ExpertSetError
+from engine.experts import ExpertInfo, read_experts
+from engine.modeling import GovernedFlexOlmoForCausalLM
+from engine.placement import DeviceMapSpec, ExpertRecord, Placement
+from engine.routing import RoutingControl
+
+__all__ = ["Allowed", "Engine", "ForwardResult", "Usage", "load_engine"]
+
+Allowed = Collection[str] | Sequence[Collection[str]] | None
+"""None (every loaded expert), one collection of ids for every row, or one per row."""
+
+Usage = dict[str, tuple[int, float]]
+"""expert id -> (tokens, weight) for one row."""
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """Output of :meth:`Engine.forward`."""
+
+    logits: torch.Tensor
+    """float ``[batch, seq, vocab]``."""
+    usage: list[Usage]
+    """One dict per row: every expert id -> (tokens, weight)."""
+
+
+class Engine:
+    """A loaded FlexOlmo model with governed routing. Build it with :func:`load_engine`.
+
+    Attributes:
+        model: the governed causal LM (a transformers ``PreTrainedModel``).
+        tokenizer: the checkpoint's tokenizer (with its chat template).
+        experts: ``experts.json`` entries in router-row order.
+        lock: held around every model call and every unload/load; code that calls
+            ``model`` directly from several threads should hold it too.
+    """
+
+    def __init__(
+        self,
+        model: GovernedFlexOlmoForCausalLM,
+        tokenizer: PreTrainedTokenizerBase,
+        experts: tuple[ExpertInfo, ...],
+        model_dir: Path,
+        tensors: Mapping[str, loading.TensorInfo],
+        placement_: Placement,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.experts = experts
+        self.model_dir = model_dir
+        self.dtype = dtype
+        self.placement = placement_
+        self.lock = threading.RLock()
+        self._tensors = tensors
+        self._index = {e.id: i for i, e in enumerate(experts)}
+        self._unloaded: dict[int, list[ExpertRecord]] = {}
+
+    # -- description ------------------------------------------------------------------------
+
+    @property
+    def expert_ids(self) -> tuple[str, ...]:
+        """Expert ids in router-row order."""
+        return tuple(e.id for e in self.experts)
+
+    @property
+    def config(self) -> FlexOlmoConfig:
+        config: FlexOlmoConfig = self.model.config
+        return config
+
+    @property
+    def device(self) -> torch.device:
+        """Where ``input_ids`` go: the execution device of the embedding."""
+        return self.placement.main_device
+
+    @property
+    def device_map(self) -> dict[str, placement.Device]:
+        """Placement unit -> device ("cpu", "disk", or a GPU index)."""
+        return dict(self.placement.device_map)
+
+    @property
+    def loaded_expert_ids(self) -> tuple[str, ...]:
+        """Ids of the experts whose weights are loaded (all but the unloaded ones)."""
+        return tuple(e.id for i, e in enumerate(self.experts) if i not in self._unloaded)
+
+    # -- allowed sets -----------------------------------------------------------------------
+
+    def mask_for(self, allowed: Allowed, batch_size: int) -> torch.Tensor:
+        """BoolTensor ``[batch_size, num_experts]`` (CPU) for ``allowed``.
+
+        ``allowed`` is None (every loaded expert), one collection of ids for every row, or a
+        sequence of ``batch_size`` collections, one per row. Raises ExpertSetError, before any
+        compute, naming the ids, when a set is empty or names an unknown or unloaded expert.
+        """
+        n = len(self.experts)
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if allowed is None:
+            if len(self._unloaded) == n:
+                raise ExpertSetError("no expert is loaded")
+            row = torch.ones(n, dtype=torch.bool)
+            row[list(self._unloaded)] = False
+            return row.expand(batch_size, n).clone()
+        rows, per_row = self._split_rows(allowed, batch_size)
+        mask = torch.zeros(batch_size, n, dtype=torch.bool)
+        for r, ids in enumerate(rows):
+            mask[r, self._indices(ids, r if per_row else None)] = True
+        return mask
+
+    def _split_rows(
+        self, allowed: Collection[object], batch_size: int
+    ) -> tuple[list[Collection[str]], bool]:
+        if isinstance(allowed, str | bytes):
+            raise TypeError("allowed must be a collection of expert ids, not a single string")
+        items = list(allowed)
+        if all(isinstance(x, str) for x in items):
+            return [[str(x) for x in items]] * batch_size, False
+        if any(isinstance(x, str | bytes) or not isinstance(x, Collection) for x in items):
+            raise TypeError("allowed must hold only ids, or only one collection of ids per row")
+        if len(items) != batch_size:
+            raise ValueError(f"allowed has {len(items)} rows, the batch {batch_size}")
+        rows: list[Collection[str]] = []
+        for x in items:
+            assert isinstance(x, Collection)
+            if isinstance(x, str | bytes) or not all(isinstance(i, str) for i in x):
+                raise TypeError("each row of allowed must be a collection of expert ids")
+            rows.append([str(i) for i in x])
+        return rows, True
+
+    def _indices(self, ids: Collection[str], row: int | None) -> list[int]:
+        where = "" if row is None else f" (row {row})"
+        if not ids:
+            raise ExpertSetError(f"the allowed expert set is empty{where}")
+        unknown = sorted({i for i in ids if i not in self._index})
+        if unknown:
+            raise ExpertSetError(f"unknown expert id(s) {unknown}{where}", unknown)
+        unloaded = sorted({i for i in ids if self._index[i] in self._unloaded})
+        if unloaded:
+            raise ExpertSetError(f"expert(s) {unloaded} are unloaded{where}", unloaded)
+        return sorted({self._index[i] for i in ids})
+
+    # -- compute ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        allowed: Allowed = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        track_usage: bool = True,
+    ) -> ForwardResult:
+        """Logits and per-row usage for ``input_ids`` ``[batch, seq]`` under ``allowed``.
+
+        With ``attention_mask`` (1 for tokens, 0 for padding, left padding expected) positions
+        are counted from each row's first token, and padding is not counted in usage.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError("input_ids must be [batch, seq]")
+        batch, seq = input_ids.shape
+        mask = self.mask_for(allowed, batch)
+        position_ids = None
+        token_mask = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, seq):
+                raise ValueError("attention_mask must have the shape of input_ids")
+            am = attention_mask.to(self.device)
+            position_ids = (am.long().cumsum(-1) - 1).clamp(min=0)
+            token_mask = am.bool()
+            attention_mask = am
+        ctl = RoutingControl(mask, token_mask=token_mask, track_usage=track_usage)
+        with self.lock, torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                routing=ctl,
+            )
+        logits = out.logits
+        assert logits is not None
+        return ForwardResult(logits, self.usage_of(ctl) if track_usage else [])
+
+    def usage_of(self, ctl: RoutingControl) -> list[Usage]:
+        """A control's accumulated usage as one dict per row (every expert id present)."""
+        tokens = ctl.tokens.cpu().tolist()
+        weight = ctl.weight.cpu().tolist()
+        ids = self.expert_ids
+        return [
+            {eid: (int(t[i]), float(w[i])) for i, eid in enumerate(ids)}
+            for t, w in zip(tokens, weight, strict=True)
+        ]
+
+    # -- experts at run time ----------------------------------------------------------------
+
+    def unload_expert(self, expert_id: str) -> None:
+        """Free an expert's weights (every layer) while the engine runs; requests that allow
+        it fail with ExpertSetError until :meth:`load_expert`. No-op if already unloaded."""
+        idx = self._index.get(expert_id)
+        if idx is None:
+            raise ExpertSetError(f"unknown expert id(s) {[expert_id]}", [expert_id])
+        with self.lock:
+            if idx in self._unloaded:
+                return
+            self._unloaded[idx] = placement.unload_expert(self.model, idx)
+
+    def load_expert(self, expert_id: str) -> None:
+        """Read an unloaded expert's weights back from the checkpoint onto their devices."""
+        idx = self._index.get(expert_id)
+        if idx is None:
+            raise ExpertSetError(f"unknown expert id(s) {[expert_id]}", [expert_id])
+        with self.lock:
+            records = self._unloaded.get(idx)
+            if records is None:
+                return
+            placement.load_expert(self.model, idx, records, self._tensors, self.dtype)
+            del self._unloaded[idx]
+
+
+def load_engine(
+    model_dir: str | Path,
+    device_map: DeviceMapSpec = "cpu",
+    max_memory: Mapping[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    expert_priority: Sequence[str] | None = None,
+) -> Engine:
+    """Load a FlexOlmo checkpoint folder into an :class:`Engine`.
+
+    Args:
+        model_dir: Hugging Face FlexOlmo folder (config.json, safetensors with per-expert keys,
+            tokenizer files, optional ``experts.json``).
+        device_map: ``"cpu"`` (default), one device (``"cuda:0"``), ``"auto"``, or a mapping of
+            module names to devices (``"cpu"``, ``"disk"``, GPU index); see engine.placement.
+        max_memory: per-device budget for ``"auto"`` (``{0: "20GiB", "cpu": "64GiB"}``).
+        offload_folder: where disk-placed weights are copied (in the compute dtype); without
+            it they are read straight from the checkpoint's safetensors files.
+        dtype: compute dtype (``torch.bfloat16``, ``"float32"``); default the config's.
+        expert_priority: expert ids to keep on GPU first under ``"auto"`` (the rest follow
+            in router-row order).
+
+    Raises:
+        CheckpointError: missing/mis-shaped/unexpected tensor, bad config or experts.json.
+        PlacementError: a device map or budget that cannot be honoured.
+    """
+    folder = Path(model_dir)
+    config = loading.read_config(folder)
+    experts = read_experts(folder, config.num_experts)
+    tensors = loading.checkpoint_tensors(folder)
+    bias = loading.has_router_bias(tensors, config.num_hidden_layers)
+    compute_dtype = loading.resolve_dtype(dtype, config)
+    model = loading.build_empty_model(config, bias, compute_dtype)
+    loading.validate_checkpoint(model, tensors)
+    priority = None
+    if expert_priority is not None:
+        index = {e.id: i for i, e in enumerate(experts)}
+        unknown = [e for e in expert_priority if e not in index]
+        if unknown:
+            raise ExpertSetError(f"unknown expert id(s) {unknown} in expert_priority", unknown)
+        first = [index[e] for e in dict.fromkeys(expert_priority)]
+        priority = first + [i for i in range(len(experts)) if i not in first]
+    unit_map = placement.resolve_device_map(model, device_map, max_memory, compute_dtype, priority)
+    placed = placement.place_model(model, tensors, unit_map, compute_dtype, offload_folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return Engine(model, tokenizer, experts, folder, tensors, placed, compute_dtype)
