@@ -26,9 +26,12 @@ from transformers import AutoTokenizer, FlexOlmoConfig, PreTrainedTokenizerBase
 from engine import loading, placement
 from engine.errors import ExpertSetError
 from engine.experts import ExpertInfo, read_experts
+from engine.generation import GenerationResult
 from engine.modeling import GovernedFlexOlmoForCausalLM
 from engine.placement import DeviceMapSpec, ExpertRecord, Placement
 from engine.routing import RoutingControl
+from engine.sampling import SamplingParams
+from engine.scheduler import GenerationStream, Scheduler
 
 __all__ = ["Allowed", "Engine", "ForwardResult", "Usage", "load_engine"]
 
@@ -80,6 +83,8 @@ class Engine:
         self._tensors = tensors
         self._index = {e.id: i for i, e in enumerate(experts)}
         self._unloaded: dict[int, list[ExpertRecord]] = {}
+        self._scheduler: Scheduler | None = None
+        self._scheduler_lock = threading.Lock()  # not self.lock: the scheduler holds that per step
 
     # -- description ------------------------------------------------------------------------
 
@@ -214,6 +219,81 @@ class Engine:
             {eid: (int(t[i]), float(w[i])) for i, eid in enumerate(ids)}
             for t, w in zip(tokens, weight, strict=True)
         ]
+
+    # -- generation (engine.generation, engine.scheduler) -----------------------------------
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The generation scheduler (its thread starts with the first request)."""
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self)
+            return self._scheduler
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        allowed: Collection[str] | None = None,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+    ) -> GenerationResult:
+        """Generate a completion of ``prompt`` (text, or token ids) with the experts in
+        ``allowed`` (None: every loaded expert); blocks the calling thread until it is done
+        (from asyncio, use :meth:`stream`). Concurrent calls are batched together.
+
+        ``temperature`` 0 is greedy; ``top_p``, ``top_k`` and ``seed`` shape and reproduce
+        sampling; generation ends at ``max_tokens``, the context window, the end-of-sequence
+        token (unless ``ignore_eos``) or a ``stop`` string (cut from the text). The result
+        carries the text, the token ids, the finish reason, prompt and completion token counts
+        and per-expert usage over the prompt and the generated tokens (see engine.generation).
+
+        Raises (before any compute): ``PromptError`` (empty, outside the vocabulary, no room in
+        the window), ``ExpertSetError`` (empty set, unknown or unloaded expert), ``ValueError``
+        (sampling parameters). ``GenerationError`` if the model fails.
+        """
+        params = SamplingParams(
+            max_tokens, temperature, top_p, top_k, seed, tuple(stop), ignore_eos
+        )
+        return self.scheduler.generate(prompt, params, allowed=allowed, request_id=request_id)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        allowed: Collection[str] | None = None,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+    ) -> GenerationStream:
+        """As :meth:`generate`, streaming: call it on the event loop that iterates the result,
+        an async iterator of ``TextDelta`` events then one ``Finished`` event with the
+        :class:`GenerationResult`. ``stream.narrow(ids)`` / ``stream.revoke(ids)`` change the
+        allowed set from the next decoding step; ``aclose()`` or cancelling the consuming task
+        cancels the request and frees its slot. Errors as :meth:`generate`, raised here.
+        """
+        params = SamplingParams(
+            max_tokens, temperature, top_p, top_k, seed, tuple(stop), ignore_eos
+        )
+        return self.scheduler.stream(prompt, params, allowed=allowed, request_id=request_id)
+
+    def close(self) -> None:
+        """Stop the generation scheduler; requests still running end as cancelled."""
+        with self._scheduler_lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
 
     # -- experts at run time ----------------------------------------------------------------
 

@@ -16,6 +16,7 @@ blocks on the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import uuid
@@ -230,6 +231,10 @@ class Scheduler:
         self._closed = False
         self._batch: DecodeBatch | None = None
         self._waiting: deque[RunningSequence] = deque()
+        lock = getattr(backend, "lock", None)
+        self._model_lock: contextlib.AbstractContextManager[Any] = (
+            lock if lock is not None else contextlib.nullcontext()
+        )
 
     # -- submission (any thread) ----------------------------------------------------------------
 
@@ -391,18 +396,35 @@ class Scheduler:
 
     def _iterate(self, batch: DecodeBatch) -> None:
         self._take(block=not batch.rows and not self._waiting)
-        self._apply_controls(batch)
-        self._admit(batch)
-        if batch.rows:
-            try:
-                batch.step()
-            except Exception as exc:
-                self._fail(batch.clear(), exc)
-                return
-            self._retire(batch)
+        # The engine's lock: experts are unloaded and loaded only between steps.
+        with self._model_lock:
+            self._apply_controls(batch)
+            self._admit(batch)
+            if batch.rows:
+                try:
+                    batch.step()
+                except Exception as exc:
+                    self._fail(batch.clear(), exc)
+                    return
+                self._retire(batch)
+
+    def _revoke_unloaded(self, batch: DecodeBatch) -> None:
+        """An expert unloaded while requests may use it is revoked from them (fail closed)."""
+        loaded_ids = getattr(self.backend, "loaded_expert_ids", None)
+        if loaded_ids is None:
+            return
+        loaded = frozenset(loaded_ids)
+        if len(loaded) == len(self._expert_ids):
+            return
+        for seq in [*self._waiting, *batch.rows]:
+            _, allowed = seq.control.snapshot()
+            gone = allowed - loaded
+            if gone:
+                seq.control.revoke(gone)
 
     def _apply_controls(self, batch: DecodeBatch) -> None:
-        """Cancellations and narrowings, before the next step."""
+        """Cancellations and narrowings (and unloaded experts), before the next step."""
+        self._revoke_unloaded(batch)
         for seq in list(self._waiting):
             control: RequestControl = seq.control
             if control.cancelled:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from genutil import EXPERTS, TinyBackend, tiny_backend
+from transformers import FlexOlmoForCausalLM
 
+from engine.api import Engine, load_engine
+from engine.checkpoints import build_tiny_checkpoint
 from engine.errors import ExpertSetError
 from engine.generation import Finished, GenerationResult, PromptError, TextDelta
 from engine.routing import RoutingControl
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
+from tests.unit.engine.conftest import IDS, prune
+
+EXPERTS = IDS
 
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
@@ -21,36 +27,33 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> TinyBackend:
-    return tiny_backend(tmp_path_factory.mktemp("tiny"))
+def backend(tiny_dir: Path) -> Engine:
+    return load_engine(tiny_dir)
 
 
 @pytest.fixture(scope="module")
-def sched(backend: TinyBackend) -> Iterator[Scheduler]:
+def sched(backend: Engine) -> Iterator[Scheduler]:
     s = Scheduler(backend, max_batch_size=8)
     yield s
     s.close()
 
 
-def _ids(backend: TinyBackend, text: str) -> list[int]:
+def _ids(backend: Engine, text: str) -> list[int]:
     return list(backend.tokenizer(text)["input_ids"])
 
 
-def _hf_greedy(backend: TinyBackend, ids: list[int], n: int, allowed: Any = None) -> list[int]:
-    """transformers' own generate on the same governed model (the reference)."""
-    routing = RoutingControl(backend.mask_for(allowed, 1), track_usage=False)
-    out = backend.model.generate(
-        torch.tensor([ids]),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        routing=routing,
-    )
+def _hf_greedy(ref: FlexOlmoForCausalLM, ids: list[int], n: int, allowed: Any = None) -> list[int]:
+    """transformers' own FlexOlmoForCausalLM.generate, the experts outside ``allowed``
+    physically deleted (the reference)."""
+    keep = [i for i, e in enumerate(EXPERTS) if allowed is None or e in allowed]
+    model = prune(ref, keep)
+    model.generation_config.eos_token_id = None
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
     return [int(t) for t in out[0, len(ids) :]]
 
 
 def _usage_by_forward(
-    backend: TinyBackend, ids: list[int], allowed: Any = None
+    backend: Engine, ids: list[int], allowed: Any = None
 ) -> dict[str, tuple[int, float]]:
     ctl = RoutingControl(backend.mask_for(allowed, 1))
     with torch.inference_mode():
@@ -72,12 +75,16 @@ def _assert_usage_close(
 @pytest.mark.parametrize(
     "allowed", [None, ("public", "code"), ("math",), ("news", "public", "math")]
 )
-def test_greedy_matches_transformers_generate(
-    backend: TinyBackend, sched: Scheduler, allowed: Any
+def test_greedy_matches_transformers_generate_on_the_pruned_model(
+    backend: Engine,
+    sched: Scheduler,
+    allowed: Any,
+    tiny_dir: Path,
+    reference_for: Callable[[Path], FlexOlmoForCausalLM],
 ) -> None:
     ids = _ids(backend, "The data owner trains")
     res = sched.generate(ids, GREEDY, allowed=allowed)
-    assert list(res.token_ids) == _hf_greedy(backend, ids, 12, allowed)
+    assert list(res.token_ids) == _hf_greedy(reference_for(tiny_dir), ids, 12, allowed)
     assert res.finish_reason == "length"
     assert res.prompt_tokens == len(ids) and res.completion_tokens == 12
     assert res.allowed == tuple(e for e in EXPERTS if allowed is None or e in allowed)
@@ -85,7 +92,7 @@ def test_greedy_matches_transformers_generate(
 
 
 def test_usage_covers_prompt_and_generated_tokens_and_excluded_experts_are_zero(
-    backend: TinyBackend, sched: Scheduler
+    backend: Engine, sched: Scheduler
 ) -> None:
     ids = _ids(backend, "def add(a, b):")
     allowed = ("public", "news", "math")
@@ -100,13 +107,13 @@ def test_usage_covers_prompt_and_generated_tokens_and_excluded_experts_are_zero(
     _assert_usage_close(res.usage, expected)
 
 
-def test_text_is_the_decoded_completion(backend: TinyBackend, sched: Scheduler) -> None:
+def test_text_is_the_decoded_completion(backend: Engine, sched: Scheduler) -> None:
     res = sched.generate("Shall I compare thee", GREEDY)
     decoded = backend.tokenizer.decode(list(res.token_ids), skip_special_tokens=True)
     assert res.text == decoded
 
 
-def test_stop_string_ends_generation_and_is_cut(backend: TinyBackend, sched: Scheduler) -> None:
+def test_stop_string_ends_generation_and_is_cut(backend: Engine, sched: Scheduler) -> None:
     prompt = "The quick brown fox"
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     full = sched.generate(prompt, params)
@@ -123,7 +130,7 @@ def test_stop_string_ends_generation_and_is_cut(backend: TinyBackend, sched: Sch
     assert list(res.token_ids) == list(full.token_ids[: res.completion_tokens])
 
 
-def test_eos_ends_generation(backend: TinyBackend, sched: Scheduler) -> None:
+def test_eos_ends_generation(backend: Engine, sched: Scheduler) -> None:
     ids = _ids(backend, "Permission is hereby granted")
     full = sched.generate(ids, GREEDY)
     eos = full.token_ids[4]
@@ -143,8 +150,8 @@ def test_eos_ends_generation(backend: TinyBackend, sched: Scheduler) -> None:
     assert ignored.token_ids == full.token_ids
 
 
-def test_generation_stops_at_the_context_window(tmp_path: Any) -> None:
-    small = tiny_backend(tmp_path, max_position_embeddings=24)
+def test_generation_stops_at_the_context_window(tmp_path: Path) -> None:
+    small = load_engine(build_tiny_checkpoint(tmp_path, IDS, max_position_embeddings=24))
     s = Scheduler(small)
     try:
         ids = list(range(10, 30))  # 20 tokens
@@ -174,7 +181,7 @@ def test_generation_stops_at_the_context_window(tmp_path: Any) -> None:
     ],
 )
 def test_bad_requests_fail_before_compute(
-    backend: TinyBackend, prompt: Any, allowed: Any, error: type[Exception], match: str
+    backend: Engine, prompt: Any, allowed: Any, error: type[Exception], match: str
 ) -> None:
     calls = 0
     real_forward = backend.model.forward
@@ -195,7 +202,7 @@ def test_bad_requests_fail_before_compute(
     assert calls == 0
 
 
-def test_seeded_sampling_is_reproducible(backend: TinyBackend, sched: Scheduler) -> None:
+def test_seeded_sampling_is_reproducible(backend: Engine, sched: Scheduler) -> None:
     params = SamplingParams(
         temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True
     )
@@ -209,7 +216,7 @@ def test_seeded_sampling_is_reproducible(backend: TinyBackend, sched: Scheduler)
     assert c.token_ids != a.token_ids
 
 
-def test_events_concatenate_to_the_result(backend: TinyBackend, sched: Scheduler) -> None:
+def test_events_concatenate_to_the_result(backend: Engine, sched: Scheduler) -> None:
     events: list[Any] = []
     done: list[GenerationResult] = []
     import threading

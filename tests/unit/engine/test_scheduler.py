@@ -6,18 +6,22 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from genutil import EXPERTS, TinyBackend, tiny_backend
 from transformers.cache_utils import DynamicCache
 
+from engine.api import Engine, load_engine
 from engine.errors import ExpertSetError
 from engine.generation import Finished, GenerationResult, TextDelta
 from engine.routing import RoutingControl
 from engine.sampling import SamplingParams
 from engine.scheduler import GenerationError, Scheduler
+from tests.unit.engine.conftest import IDS
+
+EXPERTS = IDS
 
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
@@ -27,12 +31,12 @@ def greedy(n: int) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> TinyBackend:
-    return tiny_backend(tmp_path_factory.mktemp("tiny"))
+def backend(tiny_dir: Path) -> Engine:
+    return load_engine(tiny_dir)
 
 
 @pytest.fixture
-def sched(backend: TinyBackend) -> Iterator[Scheduler]:
+def sched(backend: Engine) -> Iterator[Scheduler]:
     s = Scheduler(backend, max_batch_size=8)
     yield s
     s.close()
@@ -78,7 +82,7 @@ class Collector:
         return sum(len(e.token_ids) for e in self.events if isinstance(e, TextDelta))
 
 
-def test_batched_greedy_equals_alone(backend: TinyBackend, sched: Scheduler) -> None:
+def test_batched_greedy_equals_alone(backend: Engine, sched: Scheduler) -> None:
     alone = [sched.generate(p, greedy(10 + i), allowed=a) for i, (p, a) in enumerate(CASES)]
     sinks = [Collector() for _ in CASES]
     for i, ((p, a), sink) in enumerate(zip(CASES, sinks, strict=True)):
@@ -137,7 +141,7 @@ def test_newcomers_join_a_running_batch(sched: Scheduler) -> None:
     assert second_result.token_ids == alone_j[1].token_ids
 
 
-def test_more_requests_than_slots_all_complete(backend: TinyBackend) -> None:
+def test_more_requests_than_slots_all_complete(backend: Engine) -> None:
     s = Scheduler(backend, max_batch_size=2)
     try:
         alone = [s.generate(p, greedy(8), allowed=a) for p, a in CASES[:5]]
@@ -163,7 +167,7 @@ def test_cancel_frees_the_slot(sched: Scheduler) -> None:
 
 
 def _reference_with_narrowing(
-    backend: TinyBackend, prompt: list[int], tokens: list[int], n: int, narrowed_to: Any
+    backend: Engine, prompt: list[int], tokens: list[int], n: int, narrowed_to: Any
 ) -> tuple[list[int], dict[str, tuple[int, float]]]:
     """Greedy tokens and usage when positions up to token n-1 use every expert and the
     positions from generated token n on use ``narrowed_to``."""
@@ -185,7 +189,7 @@ def _reference_with_narrowing(
 
 
 def test_narrowing_mid_generation_applies_from_the_next_step(
-    backend: TinyBackend, sched: Scheduler
+    backend: Engine, sched: Scheduler
 ) -> None:
     seen_at_narrowing: list[int] = []
 
@@ -237,7 +241,7 @@ def test_narrowing_to_nothing_cancels_and_unknown_ids_are_refused(sched: Schedul
 
 
 def test_a_model_failure_fails_the_batch_and_the_scheduler_survives(
-    backend: TinyBackend, sched: Scheduler
+    backend: Engine, sched: Scheduler
 ) -> None:
     real = backend.model.forward
     calls = 0
@@ -324,7 +328,7 @@ async def test_stream_narrowing_and_context_manager(sched: Scheduler) -> None:
     assert stream.result is not None
 
 
-def test_close_cancels_what_is_left(backend: TinyBackend) -> None:
+def test_close_cancels_what_is_left(backend: Engine) -> None:
     s = Scheduler(backend)
     sink = Collector()
     s.submit("The", greedy(1000), sink)
