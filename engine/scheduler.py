@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import queue
 import threading
 import uuid
@@ -231,6 +232,12 @@ class Scheduler:
         self._closed = False
         self._batch: DecodeBatch | None = None
         self._waiting: deque[RunningSequence] = deque()
+        # Fast (Rust) tokenizers are not safe to encode on one thread while another encodes
+        # or decodes the same object ("Already borrowed"): the scheduler encodes with a copy
+        # of its own under a lock, and decodes (scheduler thread only) with another copy.
+        self._encoder = copy.deepcopy(backend.tokenizer)
+        self._encoder_lock = threading.Lock()
+        self._decoder = copy.deepcopy(backend.tokenizer)
         lock = getattr(backend, "lock", None)
         self._model_lock: contextlib.AbstractContextManager[Any] = (
             lock if lock is not None else contextlib.nullcontext()
@@ -251,7 +258,8 @@ class Scheduler:
 
         Raises ``PromptError``, ``ExpertSetError`` (both ``ValueError``) before any compute.
         """
-        prompt_ids = tokenize_prompt(self.backend, prompt)
+        with self._encoder_lock:
+            prompt_ids = tokenize_prompt(self.backend, prompt, self._encoder)
         if allowed is not None and isinstance(allowed, str):
             raise TypeError("allowed must be a collection of expert ids, not a single string")
         mask = self.backend.mask_for(None if allowed is None else list(allowed), 1)
@@ -264,7 +272,7 @@ class Scheduler:
             allowed=allowed_ids,
         )
         control = RequestControl(request.request_id, self._expert_ids, allowed_ids)
-        seq = new_sequence(self.backend, request, sink, control)
+        seq = new_sequence(self.backend, request, sink, control, self._decoder)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
