@@ -480,6 +480,7 @@ class DecodeBatch:
             "bool" if attn == "sdpa" else "float" if attn == "eager" else "2d"
         )
         self._dtype = getattr(self.model, "dtype", torch.float32)
+        self._fast_path = self._mask_kind != "2d" and _plain_governed_forward(self.model)
         self.rows: list[RunningSequence] = []
         self.cache = SlotKVCache(self.num_layers)
         self._valid = torch.zeros((1, 64), dtype=torch.bool, device=self.device)
@@ -641,24 +642,54 @@ class DecodeBatch:
             self._ctl = self._routing(self._expert_rows)
         input_ids = torch.tensor([[s.last_token] for s in self.rows], device=self.device)
         positions = torch.tensor([[s.length] for s in self.rows], device=self.device)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=self._attention_mask(b, t + 1),
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            routing=self._ctl,
-        )
+        logits = self.decode_logits(input_ids, positions, self._attention_mask(b, t + 1))
         self.cache.advance(1)
         for s in self.rows:
             s.length += 1
         tokens = select_tokens(
-            out.logits[:, -1, :],
+            logits,
             [s.request.params for s in self.rows],
             [s.generator for s in self.rows],
         )
         for seq, token in zip(self.rows, tokens, strict=True):
             seq.accept(token)
+
+    def decode_logits(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``[batch, vocab]`` of one decoding step (the cache is not advanced).
+
+        When the model is the governed FlexOlmo with transformers' own outer forward passes,
+        they are unrolled here (embedding, rotary embedding, decoder layers, norm, LM head):
+        the same modules in the same order, without the per-call wrapping (output recording,
+        argument defaults, mask construction: the mask is already built), which costs about
+        a third of a millisecond per step. Anything else goes through ``model(...)``.
+        """
+        if self._fast_path:
+            inner = self.model.model
+            hidden = inner.embed_tokens(input_ids)
+            rotary = inner.rotary_emb(hidden, positions)
+            for layer in inner.layers[: inner.config.num_hidden_layers]:
+                hidden = layer(
+                    hidden,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=self.cache,
+                    position_embeddings=rotary,
+                    routing=self._ctl,
+                )
+            logits: torch.Tensor = self.model.lm_head(inner.norm(hidden[:, -1, :]))
+            return logits
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            routing=self._ctl,
+        )
+        full: torch.Tensor = out.logits[:, -1, :]
+        return full
 
     def _attention_mask(self, b: int, kv_len: int) -> torch.Tensor:
         valid = self._valid[:b, :kv_len]
@@ -670,6 +701,22 @@ class DecodeBatch:
         zero = torch.zeros((), dtype=self._dtype, device=self.device)
         neg = torch.full((), torch.finfo(self._dtype).min, dtype=self._dtype, device=self.device)
         return torch.where(mask4d, zero, neg)
+
+
+def _plain_governed_forward(model: Any) -> bool:
+    """The model is engine.modeling's governed FlexOlmo and neither it nor its inner model
+    overrides transformers' forward passes (so decoding may unroll them)."""
+    from transformers.models.flex_olmo import modeling_flex_olmo as fo
+
+    from engine.modeling import GovernedFlexOlmoForCausalLM
+
+    inner = getattr(model, "model", None)
+    return (
+        type(model).forward is GovernedFlexOlmoForCausalLM.forward
+        and inner is not None
+        and type(inner).forward is fo.FlexOlmoModel.forward
+        and all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "layers", "norm"))
+    )
 
 
 def iter_groups(seqs: Iterable[RunningSequence]) -> list[list[RunningSequence]]:

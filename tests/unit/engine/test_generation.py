@@ -269,3 +269,48 @@ def test_deferred_usage_accounting_equals_routing_control(backend: Engine) -> No
     with torch.inference_mode():
         backend.model(input_ids=ids, routing=off)
     assert off.tokens.sum() == 0 or off.tokens.numel() == 0
+
+
+def test_unrolled_decoding_equals_the_model_call(
+    backend: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import engine.generation as generation
+
+    assert generation.DecodeBatch(backend)._fast_path  # the governed model is unrolled
+    prompts = [("The quick brown fox", None), ("Shall I", ("math",)), ("A", ("code", "news"))]
+
+    def run() -> list[GenerationResult]:
+        s = Scheduler(backend)
+        results: dict[int, GenerationResult] = {}
+        all_done = threading.Semaphore(0)
+
+        def sink_for(i: int) -> Any:
+            def sink(ev: Any) -> None:
+                if isinstance(ev, Finished):
+                    results[i] = ev.result
+                    all_done.release()
+
+            return sink
+
+        try:
+            for i, (p, a) in enumerate(prompts):
+                s.submit(p, GREEDY, sink_for(i), allowed=a)
+            for _ in prompts:
+                assert all_done.acquire(timeout=60)
+        finally:
+            s.close()
+        return [results[i] for i in range(len(prompts))]
+
+    fast = run()
+    monkeypatch.setattr(generation, "_plain_governed_forward", lambda model: False)
+    assert not generation.DecodeBatch(backend)._fast_path
+    slow = run()
+    for f, s in zip(fast, slow, strict=True):
+        assert f.finish_reason == s.finish_reason == "length"
+        assert f.token_ids == s.token_ids
+        assert f.usage is not None and s.usage is not None
+        for e in EXPERTS:
+            assert f.usage[e][0] == s.usage[e][0]
+            assert f.usage[e][1] == pytest.approx(s.usage[e][1], abs=1e-4)

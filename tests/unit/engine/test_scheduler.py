@@ -245,22 +245,24 @@ def test_narrowing_to_nothing_cancels_and_unknown_ids_are_refused(sched: Schedul
 def test_a_model_failure_fails_the_batch_and_the_scheduler_survives(
     backend: Engine, sched: Scheduler
 ) -> None:
-    real = backend.model.forward
+    layer = backend.model.model.layers[1]
+    real = layer.forward
     calls = 0
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
-        if calls == 3:
+        if calls == 3:  # a decoding step, after the prefill
             raise RuntimeError("device lost")
         return real(*args, **kwargs)
 
-    backend.model.forward = flaky
+    layer.forward = flaky
     try:
         with pytest.raises(GenerationError, match="device lost"):
             sched.generate("The", greedy(10))
     finally:
-        del backend.model.forward
+        del layer.forward
+    assert calls == 3
     assert sched.generate("The", greedy(4)).completion_tokens == 4
 
 
