@@ -250,7 +250,8 @@ class Engine:
 
         ``temperature`` 0 is greedy; ``top_p``, ``top_k`` and ``seed`` shape and reproduce
         sampling; generation ends at ``max_tokens``, the context window, the end-of-sequence
-        token (unless ``ignore_eos``) or a ``stop`` string (cut from the text). The result
+        token (unless ``ignore_eos``) or a ``stop`` string (one string or several; cut from
+        the text). The result
         carries the text, the token ids, the finish reason, prompt and completion token counts
         and per-expert usage over the prompt and the generated tokens (see engine.generation).
 
@@ -259,7 +260,13 @@ class Engine:
         (sampling parameters). ``GenerationError`` if the model fails.
         """
         params = SamplingParams(
-            max_tokens, temperature, top_p, top_k, seed, tuple(stop), ignore_eos
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            ignore_eos=ignore_eos,
         )
         return self.scheduler.generate(prompt, params, allowed=allowed, request_id=request_id)
 
@@ -284,7 +291,13 @@ class Engine:
         cancels the request and frees its slot. Errors as :meth:`generate`, raised here.
         """
         params = SamplingParams(
-            max_tokens, temperature, top_p, top_k, seed, tuple(stop), ignore_eos
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            ignore_eos=ignore_eos,
         )
         return self.scheduler.stream(prompt, params, allowed=allowed, request_id=request_id)
 

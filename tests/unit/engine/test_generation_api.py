@@ -90,3 +90,13 @@ async def test_an_expert_unloaded_mid_run_is_revoked_from_running_requests(eng: 
     finally:
         eng.load_expert("news")
     assert eng.generate("The", max_tokens=2, allowed=["news"]).allowed == ("news",)
+
+
+def test_a_single_stop_string_is_not_split_into_characters(eng: Engine) -> None:
+    full = eng.generate("The quick brown fox", temperature=0, max_tokens=20, ignore_eos=True)
+    stop = full.text[6:9]
+    res = eng.generate(
+        "The quick brown fox", temperature=0, max_tokens=20, ignore_eos=True, stop=stop
+    )
+    assert res.stop_string == stop
+    assert res.text == full.text[: full.text.index(stop)]
