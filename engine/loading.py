@@ -151,6 +151,7 @@ def build_empty_model(
         model = GovernedFlexOlmoForCausalLM(config)
     for param in model.parameters():
         param.data = param.data.to(dtype)
+    model.requires_grad_(False)  # an inference engine; training code turns grads back on
     model.train(False)
     return model
 

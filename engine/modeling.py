@@ -17,7 +17,7 @@ that received tokens run, each on its own device.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,7 @@ class GovernedSparseMoeBlock(nn.Module):
         self.experts = nn.ModuleList([ExpertMLP(config) for _ in range(self.num_experts)])  # type: ignore[no-untyped-call]
         self.unloaded: set[int] = set()
         """Experts whose weights are unloaded (engine.placement); routing to them fails."""
+        self._direct: list[bool] | None = None
 
     def forward(
         self, hidden_states: torch.Tensor, routing: RoutingControl | None = None
@@ -127,6 +128,19 @@ class GovernedSparseMoeBlock(nn.Module):
             routing.accumulate(experts, top_p, valid, batch, seq_len, self.num_experts)
         return self._dispatch(h, experts, top_w, valid).view(batch, seq_len, hidden_dim)
 
+    def reset_placement_cache(self) -> None:
+        """Forget which experts can be called directly; call after hooks change."""
+        self._direct = None
+
+    def _direct_flags(self) -> list[bool]:
+        """Per expert: no accelerate hook on it or its projections, so its weights lie on the
+        block's device and it can run as three plain matmuls (no module-call overhead)."""
+        if self._direct is None:
+            self._direct = [
+                not any(hasattr(m, "_hf_hook") for m in expert.modules()) for expert in self.experts
+            ]
+        return self._direct
+
     def _dispatch(
         self,
         h: torch.Tensor,
@@ -134,27 +148,42 @@ class GovernedSparseMoeBlock(nn.Module):
         weights: torch.Tensor,
         valid: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Run each selected expert once on the tokens routed to it; sum weighted outputs."""
+        """Run each selected expert once on the tokens routed to it; sum weighted outputs.
+
+        Selections are sorted by expert (sentinel ``num_experts`` for invalid ones, which sort
+        last and are dropped), gathered once, and scattered back with one index_add."""
+        n_exp = self.num_experts
         k = experts.shape[1]
-        flat = experts.reshape(-1)
+        flat = experts.reshape(-1).to(h.device)  # no-op unless the router sits elsewhere
+        weights = weights.to(h.device)
         if valid is not None:
-            flat = flat.masked_fill(~valid.reshape(-1), self.num_experts)  # sentinel: not run
+            flat = flat.masked_fill(~valid.reshape(-1).to(h.device), n_exp)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts + 1).tolist()  # one host sync
+        counts = torch.bincount(flat, minlength=n_exp + 1).tolist()  # the one host sync
+        order = order[: flat.numel() - counts[n_exp]]
         token_of = order // k
-        flat_w = weights.reshape(-1)
-        out = torch.zeros_like(h)
+        x = h.index_select(0, token_of)
+        direct = self._direct_flags()
+        outs: list[torch.Tensor] = []
         start = 0
-        for e in range(self.num_experts):
+        for e in range(n_exp):
             c = counts[e]
             if c == 0:
                 continue
-            sel = order[start : start + c]
-            tok = token_of[start : start + c]
+            xe = x[start : start + c]
             start += c
-            y = self.experts[e](h.index_select(0, tok))
-            y = y.to(out.device) * flat_w.index_select(0, sel).unsqueeze(1)
-            out.index_add_(0, tok, y.to(out.dtype))
+            expert = cast(ExpertMLP, self.experts[e])
+            if direct[e]:
+                gate = F.linear(xe, expert.gate_proj.weight)
+                up = F.linear(xe, expert.up_proj.weight)
+                outs.append(F.linear(expert.act_fn(gate) * up, expert.down_proj.weight))
+            else:  # accelerate hooks bring offloaded weights in, or run it on its own device
+                outs.append(expert(xe).to(h.device))
+        out = torch.zeros_like(h)
+        if outs:
+            y = torch.cat(outs) if len(outs) > 1 else outs[0]
+            w = weights.reshape(-1).index_select(0, order).unsqueeze(1)
+            out.index_add_(0, token_of, (y * w).to(out.dtype))
         return out
 
 

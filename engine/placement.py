@@ -308,6 +308,7 @@ def place_model(
                 "weight_name": key,
                 "dtype": dtype_name,
             }
+    _reset_caches(model)
     dispatch_model(
         model,
         device_map=dict(device_map),
@@ -315,7 +316,13 @@ def place_model(
         offload_dir=str(folder) if folder is not None and disk else None,
         offload_index=index or None,
     )
+    _reset_caches(model)
     return Placement(device_map, _torch_device(main), folder, dispatched=True)
+
+
+def _reset_caches(model: GovernedFlexOlmoForCausalLM) -> None:
+    for block in _blocks(model):
+        block.reset_placement_cache()
 
 
 # -- unloading and loading experts at run time ---------------------------------------------
@@ -370,6 +377,7 @@ def unload_expert(model: GovernedFlexOlmoForCausalLM, expert: int) -> list[Exper
                     del state[prefix + name]
                     rec.offloaded_state[prefix + name] = state
         records.append(rec)
+    _reset_caches(model)
     return records
 
 
@@ -410,3 +418,4 @@ def load_expert(
             add_hook_to_module(module.get_submodule(sub_name), hook)
     for block in blocks:
         block.unloaded.discard(expert)
+    _reset_caches(model)

@@ -26,6 +26,12 @@ from engine.errors import ExpertSetError
 
 __all__ = ["RoutingControl", "RoutingPlan"]
 
+_FOLD_EVERY = 256
+"""Queued layer selections per device before they are folded into the totals."""
+
+_Pending = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]
+"""(experts [n, k], probs [n, k], count mask [n, k] or None, seq_len) of one layer call."""
+
 
 @dataclass(frozen=True)
 class RoutingPlan:
@@ -66,12 +72,26 @@ class RoutingControl:
         self._mask_cpu: torch.Tensor | None = None
         self._plans: dict[tuple[torch.device, int], RoutingPlan] = {}
         self._acc: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pending: dict[torch.device, list[_Pending]] = {}
         self._shape: tuple[int, int] | None = None
+        self._token_mask: torch.Tensor | None = None
+        self._token_mask_on: dict[torch.device, torch.Tensor] = {}
         self.token_mask = token_mask
         self.track_usage = track_usage
         self.expert_mask = expert_mask
 
     # -- the allowed sets -------------------------------------------------------------------
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        return self._token_mask
+
+    @token_mask.setter
+    def token_mask(self, mask: torch.Tensor | None) -> None:
+        if mask is not None and (mask.dtype != torch.bool or mask.dim() != 2):
+            raise ValueError("token_mask must be a BoolTensor [batch, seq_len]")
+        self._token_mask = mask
+        self._token_mask_on = {}
 
     @property
     def expert_mask(self) -> torch.Tensor | None:
@@ -86,7 +106,7 @@ class RoutingControl:
             empty = (~mask_cpu.any(dim=1)).nonzero().flatten().tolist()
             if empty:
                 raise ExpertSetError(f"rows {empty} of the batch allow no expert")
-            if self._acc and self._shape is not None and tuple(mask.shape) != self._shape:
+            if self._shape is not None and tuple(mask.shape) != self._shape:
                 raise ValueError(
                     f"expert_mask shape {tuple(mask.shape)} differs from the accumulated usage "
                     f"{self._shape}; call reset() or use a new RoutingControl"
@@ -140,10 +160,43 @@ class RoutingControl:
         num_experts: int,
     ) -> None:
         """Add one layer's selections. ``experts`` [batch*seq, k] global ids, ``probs`` the
-        float32 router probabilities of the selections, ``valid`` which selections are real."""
+        float32 router probabilities of the selections, ``valid`` which selections are real.
+
+        Selections are queued on their device and folded into the totals in a few batched
+        scatter-adds (when the queue grows or the totals are read), so a layer costs no kernel
+        launch when every selection counts, and no host sync ever."""
         if not self.track_usage:
             return
-        device = experts.device
+        if self._shape is None:
+            self._shape = (batch, num_experts)
+        elif self._shape != (batch, num_experts):
+            raise ValueError(
+                f"batch of {batch} rows does not match the accumulated usage {self._shape}"
+            )
+        count = valid
+        token_mask = self._token_mask
+        if token_mask is not None:
+            if tuple(token_mask.shape) != (batch, seq_len):
+                raise ValueError(
+                    f"token_mask shape {tuple(token_mask.shape)} does not match the input "
+                    f"({batch}, {seq_len})"
+                )
+            tm = self._token_mask_on.get(experts.device)
+            if tm is None:
+                tm = token_mask.to(experts.device, non_blocking=True).reshape(-1, 1)
+                self._token_mask_on[experts.device] = tm
+            tm = tm.expand(-1, experts.shape[1])
+            count = tm if count is None else count & tm
+        queue = self._pending.setdefault(experts.device, [])
+        queue.append((experts, probs, count, seq_len))
+        if len(queue) >= _FOLD_EVERY:
+            self._fold(experts.device)
+
+    def _fold(self, device: torch.device) -> None:
+        queue = self._pending.pop(device, [])
+        if not queue or self._shape is None:
+            return
+        batch, num_experts = self._shape
         acc = self._acc.get(device)
         if acc is None:
             acc = (
@@ -151,33 +204,28 @@ class RoutingControl:
                 torch.zeros(batch, num_experts, dtype=torch.float64, device=device),
             )
             self._acc[device] = acc
-            self._shape = (batch, num_experts)
-        elif acc[0].shape != (batch, num_experts):
-            raise ValueError(
-                f"batch of {batch} rows does not match the accumulated usage {tuple(acc[0].shape)}"
-            )
-        k = experts.shape[1]
-        count = valid
-        if self.token_mask is not None:
-            if tuple(self.token_mask.shape) != (batch, seq_len):
-                raise ValueError(
-                    f"token_mask shape {tuple(self.token_mask.shape)} does not match the input "
-                    f"({batch}, {seq_len})"
-                )
-            tm = self.token_mask.to(device, non_blocking=True).reshape(-1, 1).expand(-1, k)
-            count = tm if count is None else count & tm
-        rows = torch.arange(batch, device=device).repeat_interleave(seq_len).unsqueeze(1)
-        flat = (rows * num_experts + experts).reshape(-1)
+        groups: dict[tuple[int, int, bool], list[_Pending]] = {}
+        for entry in queue:
+            key = (entry[3], entry[0].shape[1], entry[2] is not None)
+            groups.setdefault(key, []).append(entry)
         tokens, weight = acc
-        if count is None:
-            tokens.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
-            weight.view(-1).scatter_add_(0, flat, probs.reshape(-1).to(torch.float64))
-        else:
-            c = count.reshape(-1)
-            tokens.view(-1).scatter_add_(0, flat, c.to(torch.int64))
-            weight.view(-1).scatter_add_(0, flat, probs.reshape(-1).to(torch.float64) * c)
+        for (seq_len, k, counted), entries in groups.items():
+            experts = torch.cat([e[0] for e in entries]) if len(entries) > 1 else entries[0][0]
+            probs = torch.cat([e[1] for e in entries]) if len(entries) > 1 else entries[0][1]
+            rows = torch.arange(batch, device=device).repeat_interleave(seq_len * k)
+            flat = rows.repeat(len(entries)) * num_experts + experts.reshape(-1)
+            p = probs.reshape(-1).to(torch.float64)
+            if counted:
+                c = torch.cat([e[2] for e in entries if e[2] is not None]).reshape(-1)
+                tokens.view(-1).scatter_add_(0, flat, c.to(torch.int64))
+                weight.view(-1).scatter_add_(0, flat, p * c)
+            else:
+                tokens.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
+                weight.view(-1).scatter_add_(0, flat, p)
 
     def _total(self, index: int) -> torch.Tensor:
+        for device in list(self._pending):
+            self._fold(device)
         parts = [acc[index] for acc in self._acc.values()]
         if not parts:
             dtype = torch.int64 if index == 0 else torch.float64
@@ -202,4 +250,5 @@ class RoutingControl:
     def reset(self) -> None:
         """Forget the accumulated usage (the masks stay)."""
         self._acc = {}
+        self._pending = {}
         self._shape = None

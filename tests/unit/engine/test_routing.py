@@ -128,7 +128,10 @@ def test_excluded_expert_not_computed_for_its_row_in_mixed_batch(
         torch.testing.assert_close(got[r : r + 1], expected, atol=ATOL, rtol=0)
 
 
-def test_excluded_expert_module_is_never_called(eng: Engine, input_ids: torch.Tensor) -> None:
+def test_excluded_expert_module_is_never_called(tiny_dir: Path, input_ids: torch.Tensor) -> None:
+    """With accelerate hooks (here: one expert on disk) experts run as modules, so the hooks
+    that would load their weights fire only for the experts computed."""
+    eng = load_engine(tiny_dir, device_map={"": "cpu", "model.layers.0.mlp.experts.0": "disk"})
     calls: list[int] = []
     handles = [
         layer.mlp.experts[e].register_forward_pre_hook(lambda m, a, e=e: calls.append(e))
@@ -279,6 +282,8 @@ def test_routing_control_validates_masks() -> None:
         RoutingControl(torch.tensor([[True, False], [False, False]]))
     with pytest.raises(ValueError, match="BoolTensor"):
         RoutingControl(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="token_mask must be a BoolTensor"):
+        RoutingControl(token_mask=torch.ones(2, 3))
 
 
 def test_mask_batch_mismatch_is_an_error(eng: Engine, input_ids: torch.Tensor) -> None:

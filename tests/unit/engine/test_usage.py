@@ -131,3 +131,35 @@ def test_control_batch_change_needs_reset(eng: Engine) -> None:
         eng.model(input_ids=torch.tensor([[5, 6], [7, 8]]), routing=ctl)
     with pytest.raises(ValueError, match="reset"):
         ctl.expert_mask = eng.mask_for(None, 3)
+
+
+def test_narrowing_to_fewer_experts_than_k_mid_way(eng: Engine, input_ids: torch.Tensor) -> None:
+    """Calls with different selection widths (k=2, then k=1 after narrowing to one expert)
+    accumulate into one control, folded together."""
+    ctl = RoutingControl(eng.mask_for(("public", "code"), 3))
+    with torch.no_grad():
+        eng.model(input_ids=input_ids, routing=ctl)
+        ctl.expert_mask = eng.mask_for(("math",), 3)
+        eng.model(input_ids=input_ids, routing=ctl)
+    seq, layers = input_ids.shape[1], eng.config.num_hidden_layers
+    t = ctl.tokens
+    assert t[:, IDS.index("math")].tolist() == [seq * layers] * 3
+    assert (t[:, :2].sum(dim=1) == seq * layers * 2).all()
+    assert ctl.weight[:, IDS.index("math")].tolist() == pytest.approx([seq * layers] * 3)
+
+
+def test_many_calls_fold_exactly(eng: Engine) -> None:
+    """More queued layer calls than the fold threshold: totals stay exact."""
+    ctl = RoutingControl(eng.mask_for(None, 2))
+    ids = torch.tensor([[5, 6], [7, 8]])
+    with torch.no_grad():
+        for _ in range(200):  # 400 layer calls
+            eng.model(input_ids=ids, routing=ctl)
+    assert ctl.tokens.sum(dim=1).tolist() == [200 * 2 * 2 * 2] * 2
+    assert ctl.weight.sum().item() < 200 * 2 * 2 * 2 * 2
+
+
+def test_token_mask_of_wrong_shape(eng: Engine, input_ids: torch.Tensor) -> None:
+    ctl = RoutingControl(eng.mask_for(None, 3), token_mask=torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not match the input"), torch.no_grad():
+        eng.model(input_ids=input_ids, routing=ctl)
