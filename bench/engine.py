@@ -1,6 +1,7 @@
 """Engine generation benchmark (a script, not a test): tokens/s reported as ratios.
 
-    PYTHONPATH=. python bench/engine.py [--sizes medium,tiny] [--rounds 5] [--write docs/benchmarks.md]
+    PYTHONPATH=. python bench/engine.py [--sizes medium,tiny] [--rounds 5] \\
+        [--write docs/benchmarks.md]
 
 For each model size it builds a random FlexOlmo checkpoint (8 experts, top-2) and measures, in
 one run, interleaving the configurations round by round and taking medians:
@@ -35,11 +36,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.api import Engine, load_engine  # noqa: E402
-from engine.checkpoints import build_tiny_checkpoint  # noqa: E402
-from engine.generation import Finished  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
-from engine.scheduler import Scheduler  # noqa: E402
+from engine.api import Engine, load_engine
+from engine.checkpoints import build_tiny_checkpoint
+from engine.generation import Finished
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
 
 EXPERTS = tuple(["public"] + [f"owner-{i}" for i in range(1, 8)])
 
@@ -148,7 +149,9 @@ def run_concurrent(sched: Scheduler, prompts: list[list[int]], params: SamplingP
     return elapsed
 
 
-def bench_size(name: str, rounds: int, tokens: int, prompt_len: int, workdir: Path) -> dict[str, Any]:
+def bench_size(
+    name: str, rounds: int, tokens: int, prompt_len: int, workdir: Path
+) -> dict[str, Any]:
     from transformers import FlexOlmoForCausalLM
 
     overrides = SIZES[name]
@@ -263,8 +266,8 @@ def report(results: list[dict[str, Any]], gflops: float, command: str, rounds: i
         "",
         f"- Command: `{command}`",
         f"- Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), no GPU; float32. Shared with other jobs while it ran,"
-        " so configurations are interleaved round by round and the best of"
+        f"({torch.get_num_threads()} threads), no GPU; float32. Shared with other jobs while it"
+        " ran, so configurations are interleaved round by round and the best of"
         f" {rounds} rounds is reported (interference only adds time); medians follow each table.",
         f"- Measured matmul throughput (2048x2048 fp32): {gflops:.0f} GFLOP/s.",
         "",
@@ -288,7 +291,8 @@ def report(results: list[dict[str, Any]], gflops: float, command: str, rounds: i
             "",
             "| measure | tokens/s | ratio | target | |",
             "| --- | ---: | ---: | --- | --- |",
-            f"| (a) transformers FlexOlmoForCausalLM.generate, batch 1 | {tps['a']:.1f} | 1.00 | | |",
+            f"| (a) transformers FlexOlmoForCausalLM.generate, batch 1 | {tps['a']:.1f} "
+            "| 1.00 | | |",
             f"| (b) engine, all experts, batch 1 | {tps['b']:.1f} | (b)/(a) = {ba:.2f} "
             f"| >= 1.0 | {verdict(ba >= 1.0)} |",
             f"| (c) engine, 4 of 8 experts | {tps['c']:.1f} | time {-c_red:+.1%} vs (b) "

@@ -233,55 +233,50 @@ class Engine:
     def generate(
         self,
         prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
         *,
         allowed: Collection[str] | None = None,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
         seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool | None = None,
         request_id: str | None = None,
     ) -> GenerationResult:
         """Generate a completion of ``prompt`` (text, or token ids) with the experts in
         ``allowed`` (None: every loaded expert); blocks the calling thread until it is done
         (from asyncio, use :meth:`stream`). Concurrent calls are batched together.
 
-        ``temperature`` 0 is greedy; ``top_p``, ``top_k`` and ``seed`` shape and reproduce
-        sampling; generation ends at ``max_tokens``, the context window, the end-of-sequence
-        token (unless ``ignore_eos``) or a ``stop`` string (one string or several; cut from
-        the text). The result
-        carries the text, the token ids, the finish reason, prompt and completion token counts
-        and per-expert usage over the prompt and the generated tokens (see engine.generation).
+        Sampling comes either as ``params`` (a :class:`SamplingParams`) or as keywords with
+        the same names and defaults: ``max_tokens`` 16, ``temperature`` 1.0 (0 is greedy),
+        ``top_p`` 1.0, ``top_k`` 0 (off), ``seed`` None, ``stop`` () (one string or several,
+        cut from the text), ``ignore_eos`` False. Generation ends at ``max_tokens``, the
+        context window, the end-of-sequence token or a stop string. The result carries the
+        text, the token ids, the finish reason, prompt and completion token counts and
+        per-expert usage over the prompt and the generated tokens (see engine.generation).
 
         Raises (before any compute): ``PromptError`` (empty, outside the vocabulary, no room in
         the window), ``ExpertSetError`` (empty set, unknown or unloaded expert), ``ValueError``
         (sampling parameters). ``GenerationError`` if the model fails.
         """
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=(stop,) if isinstance(stop, str) else tuple(stop),
-            ignore_eos=ignore_eos,
-        )
-        return self.scheduler.generate(prompt, params, allowed=allowed, request_id=request_id)
+        sampling = _sampling(params, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+        return self.scheduler.generate(prompt, sampling, allowed=allowed, request_id=request_id)
 
     def stream(
         self,
         prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
         *,
         allowed: Collection[str] | None = None,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
         seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool | None = None,
         request_id: str | None = None,
     ) -> GenerationStream:
         """As :meth:`generate`, streaming: call it on the event loop that iterates the result,
@@ -290,16 +285,8 @@ class Engine:
         allowed set from the next decoding step; ``aclose()`` or cancelling the consuming task
         cancels the request and frees its slot. Errors as :meth:`generate`, raised here.
         """
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=(stop,) if isinstance(stop, str) else tuple(stop),
-            ignore_eos=ignore_eos,
-        )
-        return self.scheduler.stream(prompt, params, allowed=allowed, request_id=request_id)
+        sampling = _sampling(params, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+        return self.scheduler.stream(prompt, sampling, allowed=allowed, request_id=request_id)
 
     def close(self) -> None:
         """Stop the generation scheduler; requests still running end as cancelled."""
@@ -332,6 +319,43 @@ class Engine:
                 return
             placement.load_expert(self.model, idx, records, self._tensors, self.dtype)
             del self._unloaded[idx]
+
+
+def _sampling(
+    params: SamplingParams | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+    ignore_eos: bool | None,
+) -> SamplingParams:
+    """``params``, or a SamplingParams from the keywords given (not both)."""
+    keywords = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "stop": stop,
+        "ignore_eos": ignore_eos,
+    }
+    given = sorted(k for k, v in keywords.items() if v is not None)
+    if params is not None:
+        if given:
+            raise TypeError(f"pass either params or sampling keywords, not both: {given}")
+        return params
+    d = SamplingParams()
+    return SamplingParams(
+        max_tokens=d.max_tokens if max_tokens is None else max_tokens,
+        temperature=d.temperature if temperature is None else temperature,
+        top_p=d.top_p if top_p is None else top_p,
+        top_k=d.top_k if top_k is None else top_k,
+        seed=seed,
+        stop=d.stop if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
+        ignore_eos=d.ignore_eos if ignore_eos is None else ignore_eos,
+    )
 
 
 def load_engine(

@@ -34,7 +34,6 @@ from engine.sampling import SamplingParams, make_generator, select_tokens
 
 __all__ = [
     "DecodeBatch",
-    "DeferredUsageControl",
     "FinishReason",
     "Finished",
     "GenerationBackend",
@@ -376,91 +375,6 @@ class RunningSequence:
         self.sink(Finished(result))
 
 
-class DeferredUsageControl(RoutingControl):
-    """A :class:`RoutingControl` that defers usage accounting out of the forward pass.
-
-    Each MoE layer hands its top-k selections to :meth:`accumulate`; instead of reducing them
-    there (several small tensor ops per layer and step), they are kept as they are and reduced
-    in one batched pass when :attr:`tokens` or :attr:`weight` is read (or every
-    ``flush_every`` layer calls, to bound memory). Same counts, same sums as
-    :class:`RoutingControl` (up to floating-point summation order of ``weight``).
-    """
-
-    def __init__(
-        self, expert_mask: torch.Tensor | None, track_usage: bool, flush_every: int = 2048
-    ) -> None:
-        super().__init__(expert_mask=expert_mask, token_mask=None, track_usage=track_usage)
-        self._pending: list[
-            tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, int]
-        ] = []
-        self._flush_every = flush_every
-
-    def accumulate(
-        self,
-        experts: torch.Tensor,
-        probs: torch.Tensor,
-        valid: torch.Tensor | None,
-        batch: int,
-        seq_len: int,
-        num_experts: int,
-    ) -> None:
-        if not self.track_usage:
-            return
-        if self.token_mask is not None:
-            super().accumulate(experts, probs, valid, batch, seq_len, num_experts)
-            return
-        self._pending.append((experts, probs, valid, batch, seq_len, num_experts))
-        if len(self._pending) >= self._flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        """Reduce the pending selections into the usage accumulators."""
-        pending, self._pending = self._pending, []
-        groups: dict[tuple[torch.device, int, int, int], list[tuple[Any, ...]]] = {}
-        for item in pending:
-            experts, _, _, batch, _, num_experts = item
-            key = (experts.device, batch, num_experts, experts.shape[1])
-            groups.setdefault(key, []).append(item)
-        for (_, batch, num_experts, k), items in groups.items():
-            # [batch * seq, k] per call -> [batch, sum of seq, k]: rows stay rows
-            experts_all = torch.cat([e.view(batch, -1, k) for e, *_ in items], dim=1)
-            probs_all = torch.cat([p.view(batch, -1, k) for _, p, *_ in items], dim=1)
-            valid_all: torch.Tensor | None = None
-            if any(v is not None for _, _, v, *_ in items):
-                valid_all = torch.cat(
-                    [
-                        (v if v is not None else torch.ones_like(e, dtype=torch.bool)).view(
-                            batch, -1, k
-                        )
-                        for e, _, v, *_ in items
-                    ],
-                    dim=1,
-                )
-            seq = experts_all.shape[1]
-            super().accumulate(
-                experts_all.reshape(-1, k),
-                probs_all.reshape(-1, k),
-                None if valid_all is None else valid_all.reshape(-1, k),
-                batch,
-                seq,
-                num_experts,
-            )
-
-    @property
-    def tokens(self) -> torch.Tensor:
-        self.flush()
-        return super().tokens
-
-    @property
-    def weight(self) -> torch.Tensor:
-        self.flush()
-        return super().weight
-
-    def reset(self) -> None:
-        self._pending = []
-        super().reset()
-
-
 class DecodeBatch:
     """The running batch: one KV cache, one row per sequence, one forward pass per step.
 
@@ -486,19 +400,19 @@ class DecodeBatch:
         self._valid = torch.zeros((1, 64), dtype=torch.bool, device=self.device)
         """[row capacity, column capacity]: True where a row's column holds a real token."""
         self._expert_rows: list[torch.Tensor] = []  # per row: bool [num_experts] (cpu)
-        self._ctl: DeferredUsageControl | None = None
+        self._ctl: RoutingControl | None = None
 
     # -- rows and masks -------------------------------------------------------------------------
 
     def _expert_mask_row(self, allowed: Collection[str]) -> torch.Tensor:
         return torch.tensor([e in allowed for e in self.expert_ids], dtype=torch.bool)
 
-    def _routing(self, masks: Sequence[torch.Tensor]) -> DeferredUsageControl:
+    def _routing(self, masks: Sequence[torch.Tensor]) -> RoutingControl:
         mask: torch.Tensor | None = torch.stack(list(masks))
         assert mask is not None
         if bool(mask.all()):
             mask = None
-        return DeferredUsageControl(mask, self.track_usage)
+        return RoutingControl(expert_mask=mask, token_mask=None, track_usage=self.track_usage)
 
     def _harvest(self) -> None:
         """Move the usage accumulated in the current routing control into the rows."""

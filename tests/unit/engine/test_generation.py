@@ -13,13 +13,7 @@ from transformers import FlexOlmoForCausalLM
 from engine.api import Engine, load_engine
 from engine.checkpoints import build_tiny_checkpoint
 from engine.errors import ExpertSetError
-from engine.generation import (
-    DeferredUsageControl,
-    Finished,
-    GenerationResult,
-    PromptError,
-    TextDelta,
-)
+from engine.generation import Finished, GenerationResult, PromptError, TextDelta
 from engine.routing import RoutingControl
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
@@ -243,32 +237,6 @@ def test_events_concatenate_to_the_result(backend: Engine, sched: Scheduler) -> 
     assert "".join(d.text for d in deltas) == res.text
     ids = [i for d in deltas for i in d.token_ids]
     assert ids == list(res.token_ids[: len(ids)])
-
-
-def test_deferred_usage_accounting_equals_routing_control(backend: Engine) -> None:
-    """Generation's deferred accounting sums exactly what RoutingControl sums, across calls,
-    a narrowing between calls, and rows whose set is smaller than top-k."""
-    from transformers.cache_utils import DynamicCache
-
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(5, 300, (3, 9), generator=g)
-    mask = backend.mask_for([EXPERTS, ["math"], ["public", "code"]], 3)
-    narrowed = backend.mask_for([["code"], ["math"], ["public"]], 3)
-    ref, dfr = RoutingControl(mask), DeferredUsageControl(mask, True, flush_every=5)
-    for ctl in (ref, dfr):
-        cache = DynamicCache(config=backend.model.config)
-        with torch.inference_mode():
-            backend.model(input_ids=ids[:, :5], past_key_values=cache, routing=ctl)
-            ctl.expert_mask = narrowed
-            for i in range(5, 9):
-                backend.model(input_ids=ids[:, i : i + 1], past_key_values=cache, routing=ctl)
-    assert torch.equal(ref.tokens, dfr.tokens)
-    assert torch.allclose(ref.weight, dfr.weight, atol=1e-9)
-    assert int(dfr.tokens[1, :3].sum()) == 0  # row 1 only ever allowed "math"
-    off = DeferredUsageControl(mask, False)
-    with torch.inference_mode():
-        backend.model(input_ids=ids, routing=off)
-    assert off.tokens.sum() == 0 or off.tokens.numel() == 0
 
 
 def test_unrolled_decoding_equals_the_model_call(

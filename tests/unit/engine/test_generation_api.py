@@ -100,3 +100,14 @@ def test_a_single_stop_string_is_not_split_into_characters(eng: Engine) -> None:
     )
     assert res.stop_string == stop
     assert res.text == full.text[: full.text.index(stop)]
+
+
+def test_sampling_as_params_or_keywords_not_both(eng: Engine) -> None:
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    a = eng.generate("The quick", params)
+    b = eng.generate("The quick", temperature=0, max_tokens=5, ignore_eos=True)
+    assert a.token_ids == b.token_ids and a.completion_tokens == 5
+    with pytest.raises(TypeError, match="max_tokens"):
+        eng.generate("The quick", params, max_tokens=3)
