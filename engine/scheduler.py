@@ -16,6 +16,7 @@ blocks on the model.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import copy
 import queue
@@ -204,6 +205,17 @@ class _Closed(Exception):
 _CLOSE = object()
 
 
+_LIVE: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Stop scheduler threads before the interpreter finalises: a daemon thread still inside
+    # torch at that point makes the C++ runtime abort the process.
+    for scheduler in list(_LIVE):
+        scheduler.close(timeout=5.0)
+
+
 class Scheduler:
     """Batches the requests of one engine on a thread of its own (started on first use).
 
@@ -281,6 +293,7 @@ class Scheduler:
                     target=self._run, name="flexgate-scheduler", daemon=True
                 )
                 self._thread.start()
+                _LIVE.add(self)
             self._inbox.put(seq)
         return control
 

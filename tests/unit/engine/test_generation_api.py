@@ -111,3 +111,28 @@ def test_sampling_as_params_or_keywords_not_both(eng: Engine) -> None:
     assert a.token_ids == b.token_ids and a.completion_tokens == 5
     with pytest.raises(TypeError, match="max_tokens"):
         eng.generate("The quick", params, max_tokens=3)
+
+
+def test_a_process_that_generated_exits_cleanly(tiny_dir: Path) -> None:
+    """The scheduler thread is stopped at exit; a daemon thread left inside torch during
+    interpreter finalisation aborts the process ("terminate called ...")."""
+    import subprocess
+    import sys
+
+    code = (
+        "from engine.api import load_engine\n"
+        f"eng = load_engine({str(tiny_dir)!r})\n"
+        "print(eng.generate('The', max_tokens=3, temperature=0).completion_tokens)\n"
+    )
+    root = Path(__file__).resolve().parents[3]
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("3")
+    assert "terminate called" not in proc.stderr
