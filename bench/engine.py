@@ -100,6 +100,29 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def copy_gbs(mib: int = 256, reps: int = 5) -> float:
+    """Best memory bandwidth of a large tensor copy (GB/s, bytes read + written)."""
+    a = torch.ones(mib * 2**18)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(cfg: Any, allowed: int) -> float:
+    """Bytes of weights one batch-1 decoding step reads (float32)."""
+    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    head_dim = h // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * head_dim
+    k = min(cfg.num_experts_per_tok, allowed)
+    per_layer = (2 * h * h + 2 * h * kv) + h * allowed + k * 3 * h * inter + 4 * h
+    return 4.0 * (layers * per_layer + h * cfg.vocab_size + 2 * h)
+
+
 def flops_per_token(cfg: Any, allowed: int, context: int) -> tuple[float, float]:
     """(total, expert FFN) forward FLOPs for one token at ``context`` cached positions."""
     h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
@@ -285,6 +308,7 @@ def bench_size(
         "median_tps": med,
         "same_as_transformers": same,
         "flops_b": total_all,
+        "bytes_b": weight_bytes_per_token(cfg, 8),
         "ffn_share": ffn_all / total_all,
         "saved_half": 1 - total_half / total_all,
         "saved_one": 1 - total_one / total_all,
@@ -298,7 +322,9 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def report(results: list[dict[str, Any]], gflops: float, command: str, rounds: int) -> str:
+def report(
+    results: list[dict[str, Any]], gflops: float, gbs: float, command: str, rounds: int
+) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -315,7 +341,8 @@ def report(results: list[dict[str, Any]], gflops: float, command: str, rounds: i
         f"({torch.get_num_threads()} threads), no GPU; float32. Shared with other jobs while it"
         " ran, so configurations are interleaved round by round and the best of"
         f" {rounds} rounds is reported (interference only adds time); medians follow each table.",
-        f"- Measured matmul throughput (2048x2048 fp32): {gflops:.0f} GFLOP/s.",
+        f"- Measured matmul throughput (2048x2048 fp32): {gflops:.0f} GFLOP/s; memory copy "
+        f"bandwidth (256 MiB): {gbs:.1f} GB/s.",
         "",
     ]
     for r in results:
@@ -363,7 +390,11 @@ def report(results: list[dict[str, Any]], gflops: float, command: str, rounds: i
             f"{r['ffn_share']:.0%}), i.e. {tps['b'] * r['flops_b'] / 1e9:.2f} GFLOP/s = "
             f"{frac:.1%} of the measured matmul throughput; the 8 concurrent requests reach "
             f"{tps['d_conc'] * r['flops_b'] / 1e9:.2f} GFLOP/s "
-            f"({tps['d_conc'] * r['flops_b'] / (gflops * 1e9):.1%}).",
+            f"({tps['d_conc'] * r['flops_b'] / (gflops * 1e9):.1%}). Batch-1 decoding is a "
+            "matrix-vector product per weight matrix, bound by memory bandwidth, not by "
+            f"matmul throughput: (b) reads {r['bytes_b'] / 1e6:.0f} MB of weights per token, "
+            f"i.e. {tps['b'] * r['bytes_b'] / 1e9:.1f} GB/s "
+            f"({tps['b'] * r['bytes_b'] / (gbs * 1e9):.0%} of the measured copy bandwidth).",
             "",
             "Medians of the rounds (tokens/s): "
             + ", ".join(f"{k} {v:.1f}" for k, v in r["median_tps"].items())
@@ -412,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benchmarking {name} ...", file=sys.stderr)
             results.append(bench_size(name, args.rounds, args.tokens, args.prompt, Path(tmp)))
     gflops = max(gflops, matmul_gflops())
-    text = report(results, gflops, command.strip(), args.rounds)
+    gbs = copy_gbs()
+    text = report(results, gflops, gbs, command.strip(), args.rounds)
     print(text)
     if args.write is not None:
         write_section(args.write, text)
