@@ -341,8 +341,15 @@ class RunningSequence:
         ):
             self.finish_reason = "length"
 
+    def deliver(self, event: StreamEvent | BaseException) -> None:
+        """Hand an event to the sink; a sink that fails cancels its own request only."""
+        try:
+            self.sink(event)
+        except Exception:
+            self.control.cancel()
+
     def _emit_text(self, text: str) -> None:
-        self.sink(TextDelta(text, tuple(self.pending_ids)))
+        self.deliver(TextDelta(text, tuple(self.pending_ids)))
         self.pending_ids = []
 
     def finish(self, reason: FinishReason, expert_ids: Sequence[str], track_usage: bool) -> None:
@@ -372,7 +379,7 @@ class RunningSequence:
             narrowed=narrowed,
             stop_string=self.assembler.stop_string,
         )
-        self.sink(Finished(result))
+        self.deliver(Finished(result))
 
 
 class DecodeBatch:

@@ -409,11 +409,11 @@ class Scheduler:
         try:
             seq.finish(reason, self._expert_ids, self.track_usage)
         except Exception as exc:  # never let one request's failure stop the thread
-            seq.sink(exc)
+            seq.deliver(exc)
 
     def _fail(self, seqs: Iterable[RunningSequence], exc: BaseException) -> None:
         for seq in seqs:
-            seq.sink(exc)
+            seq.deliver(exc)
 
     def _iterate(self, batch: DecodeBatch) -> None:
         self._take(block=not batch.rows and not self._waiting)

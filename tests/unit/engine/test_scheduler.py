@@ -368,3 +368,17 @@ def test_text_prompts_from_many_threads_at_once(backend: Engine, sched: Schedule
         t.join(60)
     assert not errors, errors
     assert outs == [expected.token_ids] * 30
+
+
+def test_a_failing_sink_cancels_only_its_own_request(sched: Scheduler) -> None:
+    def bad_sink(ev: Any) -> None:
+        raise RuntimeError("client went away")
+
+    good = Collector()
+    sched.submit("The", greedy(40), bad_sink)
+    sched.submit("The", greedy(40), good)
+    assert good.result.completion_tokens == 40
+    deadline = time.monotonic() + 5
+    while sched.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sched.running == 0
