@@ -334,7 +334,7 @@ def report(
     except OSError:
         pass
     lines = [
-        "## Engine generation (bench/engine.py)",
+        f"## Engine generation (bench/engine.py, {torch.get_num_threads()} threads)",
         "",
         f"- Command: `{command}`",
         f"- Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} "
@@ -407,15 +407,17 @@ def report(
     return "\n".join(lines)
 
 
-BEGIN, END = "<!-- bench/engine.py: begin -->", "<!-- bench/engine.py: end -->"
-
-
-def write_section(path: Path, text: str) -> None:
-    body = f"{BEGIN}\n{text}\n{END}\n"
+def write_section(path: Path, text: str, label: str) -> None:
+    """Replace (or append) this run's section of ``path``, one section per ``label``."""
+    begin, end = (
+        f"<!-- bench/engine.py {label}: begin -->",
+        f"<!-- bench/engine.py {label}: end -->",
+    )
+    body = f"{begin}\n{text}\n{end}\n"
     old = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         new = head + body + tail
     else:
         new = old.rstrip("\n") + "\n\n" + body
@@ -447,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(results, gflops, gbs, command.strip(), args.rounds)
     print(text)
     if args.write is not None:
-        write_section(args.write, text)
+        write_section(args.write, text, f"threads={torch.get_num_threads()}")
     return 0
 
 
