@@ -8,21 +8,44 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Engine", "ExpertSetError", "ForwardResult", "load_engine"]
+__all__ = [
+    "Engine",
+    "ExpertSetError",
+    "Finished",
+    "ForwardResult",
+    "GenerationResult",
+    "GenerationStream",
+    "SamplingParams",
+    "TextDelta",
+    "load_engine",
+]
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "Engine": "engine.api",
+    "ForwardResult": "engine.api",
+    "load_engine": "engine.api",
+    "ExpertSetError": "engine.errors",
+    "GenerationResult": "engine.generation",
+    "SamplingParams": "engine.sampling",
+    "GenerationStream": "engine.scheduler",
+    "TextDelta": "engine.generation",
+    "Finished": "engine.generation",
+}
 
 if TYPE_CHECKING:
     from engine.api import Engine, ForwardResult, load_engine
     from engine.errors import ExpertSetError
+    from engine.generation import Finished, GenerationResult, TextDelta
+    from engine.sampling import SamplingParams
+    from engine.scheduler import GenerationStream
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import engine` must not pay for importing torch and transformers.
-    if name in ("Engine", "ForwardResult", "load_engine"):
-        from engine import api
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    import importlib
 
-        return getattr(api, name)
-    if name == "ExpertSetError":
-        from engine.errors import ExpertSetError
-
-        return ExpertSetError
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -26,9 +26,12 @@ from transformers import AutoTokenizer, FlexOlmoConfig, PreTrainedTokenizerBase
 from engine import loading, placement
 from engine.errors import ExpertSetError
 from engine.experts import ExpertInfo, read_experts
+from engine.generation import GenerationResult
 from engine.modeling import GovernedFlexOlmoForCausalLM
 from engine.placement import DeviceMapSpec, ExpertRecord, Placement
 from engine.routing import RoutingControl
+from engine.sampling import SamplingParams
+from engine.scheduler import GenerationStream, Scheduler
 
 __all__ = ["Allowed", "Engine", "ForwardResult", "Usage", "load_engine"]
 
@@ -80,6 +83,8 @@ class Engine:
         self._tensors = tensors
         self._index = {e.id: i for i, e in enumerate(experts)}
         self._unloaded: dict[int, list[ExpertRecord]] = {}
+        self._scheduler: Scheduler | None = None
+        self._scheduler_lock = threading.Lock()  # not self.lock: the scheduler holds that per step
 
     # -- description ------------------------------------------------------------------------
 
@@ -215,6 +220,81 @@ class Engine:
             for t, w in zip(tokens, weight, strict=True)
         ]
 
+    # -- generation (engine.generation, engine.scheduler) -----------------------------------
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The generation scheduler (its thread starts with the first request)."""
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self)
+            return self._scheduler
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        allowed: Collection[str] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool | None = None,
+        request_id: str | None = None,
+    ) -> GenerationResult:
+        """Generate a completion of ``prompt`` (text, or token ids) with the experts in
+        ``allowed`` (None: every loaded expert); blocks the calling thread until it is done
+        (from asyncio, use :meth:`stream`). Concurrent calls are batched together.
+
+        Sampling comes either as ``params`` (a :class:`SamplingParams`) or as keywords with
+        the same names and defaults: ``max_tokens`` 16, ``temperature`` 1.0 (0 is greedy),
+        ``top_p`` 1.0, ``top_k`` 0 (off), ``seed`` None, ``stop`` () (one string or several,
+        cut from the text), ``ignore_eos`` False. Generation ends at ``max_tokens``, the
+        context window, the end-of-sequence token or a stop string. The result carries the
+        text, the token ids, the finish reason, prompt and completion token counts and
+        per-expert usage over the prompt and the generated tokens (see engine.generation).
+
+        Raises (before any compute): ``PromptError`` (empty, outside the vocabulary, no room in
+        the window), ``ExpertSetError`` (empty set, unknown or unloaded expert), ``ValueError``
+        (sampling parameters). ``GenerationError`` if the model fails.
+        """
+        sampling = _sampling(params, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+        return self.scheduler.generate(prompt, sampling, allowed=allowed, request_id=request_id)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        allowed: Collection[str] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool | None = None,
+        request_id: str | None = None,
+    ) -> GenerationStream:
+        """As :meth:`generate`, streaming: call it on the event loop that iterates the result,
+        an async iterator of ``TextDelta`` events then one ``Finished`` event with the
+        :class:`GenerationResult`. ``stream.narrow(ids)`` / ``stream.revoke(ids)`` change the
+        allowed set from the next decoding step; ``aclose()`` or cancelling the consuming task
+        cancels the request and frees its slot. Errors as :meth:`generate`, raised here.
+        """
+        sampling = _sampling(params, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+        return self.scheduler.stream(prompt, sampling, allowed=allowed, request_id=request_id)
+
+    def close(self) -> None:
+        """Stop the generation scheduler; requests still running end as cancelled."""
+        with self._scheduler_lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
+
     # -- experts at run time ----------------------------------------------------------------
 
     def unload_expert(self, expert_id: str) -> None:
@@ -239,6 +319,43 @@ class Engine:
                 return
             placement.load_expert(self.model, idx, records, self._tensors, self.dtype)
             del self._unloaded[idx]
+
+
+def _sampling(
+    params: SamplingParams | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+    ignore_eos: bool | None,
+) -> SamplingParams:
+    """``params``, or a SamplingParams from the keywords given (not both)."""
+    keywords = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "stop": stop,
+        "ignore_eos": ignore_eos,
+    }
+    given = sorted(k for k, v in keywords.items() if v is not None)
+    if params is not None:
+        if given:
+            raise TypeError(f"pass either params or sampling keywords, not both: {given}")
+        return params
+    d = SamplingParams()
+    return SamplingParams(
+        max_tokens=d.max_tokens if max_tokens is None else max_tokens,
+        temperature=d.temperature if temperature is None else temperature,
+        top_p=d.top_p if top_p is None else top_p,
+        top_k=d.top_k if top_k is None else top_k,
+        seed=seed,
+        stop=d.stop if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
+        ignore_eos=d.ignore_eos if ignore_eos is None else ignore_eos,
+    )
 
 
 def load_engine(

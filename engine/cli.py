@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 if TYPE_CHECKING:
-    from engine.api import Engine
+    pass
 
 __all__ = ["generate", "model"]
 
@@ -43,15 +42,6 @@ def inspect_cmd(model_dir: Path, as_json: bool) -> None:
         click.echo(json.dumps(summary.to_json(), indent=2, default=str))
     else:
         click.echo(format_summary(summary))
-
-
-@dataclass(frozen=True)
-class _Completion:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    usage: dict[str, tuple[int, float]]
 
 
 def _allowed(expert_ids: Sequence[str], only: Sequence[str], exclude: Sequence[str]) -> list[str]:
@@ -123,7 +113,9 @@ def generate(
                 )
             )
         prompt_ids = [int(i) for i in eng.tokenizer(text, add_special_tokens=False)["input_ids"]]
-        out = _run(eng, prompt_ids, allowed, max_tokens, temperature, seed)
+        out = eng.generate(
+            prompt_ids, allowed=allowed, max_tokens=max_tokens, temperature=temperature, seed=seed
+        )
     except (EngineError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(out.text)
@@ -132,7 +124,7 @@ def generate(
         f"finish: {out.finish_reason}  prompt tokens: {out.prompt_tokens}  "
         f"completion tokens: {out.completion_tokens}"
     )
-    click.echo(_usage_table(eng.expert_ids, set(allowed), out.usage))
+    click.echo(_usage_table(eng.expert_ids, set(allowed), out.usage or {}))
 
 
 def _usage_table(ids: Sequence[str], allowed: set[str], usage: dict[str, tuple[int, float]]) -> str:
@@ -143,89 +135,3 @@ def _usage_table(ids: Sequence[str], allowed: set[str], usage: dict[str, tuple[i
         mark = "yes" if eid in allowed else "no"
         rows.append(f"{eid:<{width}}  {mark:<7}  {tokens:>8}  {weight:>10.3f}")
     return "\n".join(rows)
-
-
-def _run(
-    eng: Engine,
-    prompt_ids: list[int],
-    allowed: list[str],
-    max_tokens: int,
-    temperature: float,
-    seed: int | None,
-) -> _Completion:
-    """Engine.generate when engine.generation provides it, else the minimal loop below."""
-    gen: Any = getattr(eng, "generate", None)
-    if gen is not None:
-        from engine.sampling import SamplingParams  # type: ignore[import-not-found,unused-ignore]
-
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
-        res = gen(prompt_ids, params, allowed=allowed)
-        return _Completion(
-            res.text,
-            str(res.finish_reason),
-            res.prompt_tokens,
-            res.completion_tokens,
-            dict(res.usage or {}),
-        )
-    return _minimal_generate(eng, prompt_ids, allowed, max_tokens, temperature, seed)
-
-
-def _minimal_generate(
-    eng: Engine,
-    prompt_ids: list[int],
-    allowed: list[str],
-    max_tokens: int,
-    temperature: float,
-    seed: int | None,
-) -> _Completion:
-    """MINIMAL STAND-IN for Engine.generate (engine.generation, not merged yet): one sequence,
-    KV cache, greedy or temperature sampling with a seeded generator, stop at EOS, max_tokens
-    or the context window. No top_p/top_k, stop strings, batching or streaming."""
-    import torch
-    from transformers import DynamicCache
-
-    from engine.routing import RoutingControl
-
-    window = int(eng.config.max_position_embeddings)
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    if len(prompt_ids) >= window:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context window is {window}")
-    eos = eng.config.eos_token_id
-    eos_ids = set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
-    generator = torch.Generator(device=eng.device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
-    ctl = RoutingControl(eng.mask_for(allowed, 1))
-    cache = DynamicCache(config=eng.config)
-    ids = torch.tensor([prompt_ids], device=eng.device)
-    out_ids: list[int] = []
-    finish = "length"
-    with eng.lock, torch.inference_mode():
-        for _ in range(min(max_tokens, window - len(prompt_ids))):
-            out = eng.model(
-                input_ids=ids, cache=cache, use_cache=True, routing=ctl, logits_to_keep=1
-            )
-            logits = out.logits[0, -1].float()
-            if temperature == 0:
-                token = int(torch.argmax(logits))
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
-            out_ids.append(token)
-            if token in eos_ids:
-                finish = "stop"
-                break
-            cache = out.cache
-            ids = torch.tensor([[token]], device=eng.device)
-    text_ids = [t for t in out_ids if t not in eos_ids]
-    usage = eng.usage_of(ctl)[0]
-    return _Completion(
-        str(eng.tokenizer.decode(text_ids, skip_special_tokens=True)),
-        finish,
-        len(prompt_ids),
-        len(out_ids),
-        usage,
-    )

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from transformers import FlexOlmoForCausalLM
 
 from engine import load_engine
-from engine.cli import _minimal_generate, generate, model
+from engine.cli import generate, model
 from engine.inspect import summarize
 from gateway.cli import cli
 
@@ -110,12 +110,12 @@ def test_generate_nothing_left(tiny_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("allowed", [IDS, ("code",), ("public", "math")])
-def test_minimal_loop_matches_transformers_greedy_generate(
+def test_engine_generate_matches_transformers_greedy_generate(
     tiny_dir: Path, reference_for: Ref, allowed: tuple[str, ...]
 ) -> None:
     eng = load_engine(tiny_dir)
     prompt = [int(i) for i in eng.tokenizer("Shall I compare thee")["input_ids"]]
-    out = _minimal_generate(eng, prompt, list(allowed), 10, 0.0, None)
+    out = eng.generate(prompt, allowed=list(allowed), max_tokens=10, temperature=0.0)
     pruned = prune(reference_for(tiny_dir), [IDS.index(i) for i in allowed])
     with torch.no_grad():
         ref_ids = pruned.generate(
@@ -128,4 +128,5 @@ def test_minimal_loop_matches_transformers_greedy_generate(
     )
     layers = eng.config.num_hidden_layers
     fed = len(prompt) + out.completion_tokens - 1  # the last token is never fed back
+    assert out.usage is not None
     assert sum(t for t, _ in out.usage.values()) == fed * layers * min(2, len(allowed))

@@ -1,0 +1,498 @@
+"""The scheduler: one thread owns the model and batches every request, continuously.
+
+Callers on any thread (an asyncio event loop included) submit requests; submission checks the
+request (prompt, window, sampling parameters, allowed set) and raises before any compute. The
+scheduler thread then loops: it applies cancellations and narrowings, admits waiting requests
+into the running batch (prefilling them, those of equal prompt length together) without waiting
+for the batch to finish, and decodes one token for every running request in one forward pass —
+rows with different allowed-expert sets side by side. A row that finishes or is cancelled leaves
+the batch at once, freeing its slot for the next waiting request.
+
+Events reach asyncio callers through ``loop.call_soon_threadsafe`` and synchronous callers
+through a thread-safe queue, so the scheduler never blocks on a caller and an event loop never
+blocks on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import copy
+import queue
+import threading
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Collection, Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from engine.errors import EngineError, ExpertSetError
+from engine.generation import (
+    DecodeBatch,
+    Finished,
+    GenerationBackend,
+    GenerationRequest,
+    GenerationResult,
+    RunningSequence,
+    Sink,
+    StreamEvent,
+    iter_groups,
+    new_sequence,
+    tokenize_prompt,
+)
+from engine.sampling import SamplingParams
+
+__all__ = ["GenerationError", "GenerationStream", "RequestControl", "Scheduler"]
+
+DEFAULT_MAX_BATCH_SIZE = 16
+
+
+class GenerationError(EngineError, RuntimeError):
+    """The model failed while generating a request (the cause is chained)."""
+
+
+class RequestControl:
+    """The caller's grip on a submitted request: cancel it, narrow its allowed set.
+
+    Thread-safe. The scheduler reads the flags before every decoding step, so a cancellation
+    frees the request's slot, and a narrowing applies, from the next step on.
+    """
+
+    def __init__(self, request_id: str, expert_ids: Sequence[str], allowed: Iterable[str]):
+        self.request_id = request_id
+        self._expert_ids = tuple(expert_ids)
+        self._lock = threading.Lock()
+        self._allowed = frozenset(allowed)
+        self.version = 0
+        """Bumped by every narrowing; the scheduler compares it with what it applied."""
+        self.cancelled = False
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        """The experts the request may use from the next step on (router order)."""
+        with self._lock:
+            current = self._allowed
+        return tuple(e for e in self._expert_ids if e in current)
+
+    def snapshot(self) -> tuple[int, frozenset[str]]:
+        with self._lock:
+            return self.version, self._allowed
+
+    def _ids(self, ids: Iterable[str]) -> frozenset[str]:
+        if isinstance(ids, str):
+            raise TypeError("pass a collection of expert ids, not a single string")
+        wanted = frozenset(ids)
+        unknown = sorted(wanted.difference(self._expert_ids))
+        if unknown:
+            raise ExpertSetError(f"unknown expert ids: {', '.join(unknown)}", unknown)
+        return wanted
+
+    def narrow(self, allowed: Iterable[str]) -> tuple[str, ...]:
+        """Keep only the experts in ``allowed`` (intersected with the current set: never
+        widens). If nothing is left, the request ends with finish reason ``cancelled``.
+        Returns the new set. Unknown ids raise :class:`ExpertSetError` and change nothing."""
+        keep = self._ids(allowed)
+        with self._lock:
+            self._allowed = self._allowed & keep
+            self.version += 1
+        return self.allowed
+
+    def revoke(self, expert_ids: Iterable[str]) -> tuple[str, ...]:
+        """Remove ``expert_ids`` from the allowed set (a revocation); see :meth:`narrow`."""
+        drop = self._ids(expert_ids)
+        with self._lock:
+            self._allowed = self._allowed - drop
+            self.version += 1
+        return self.allowed
+
+    def cancel(self) -> None:
+        """Stop the request; it ends with finish reason ``cancelled`` at the next step."""
+        self.cancelled = True
+
+
+class GenerationStream:
+    """An async iterator over one request's events: :class:`~engine.generation.TextDelta`
+    events, then one :class:`~engine.generation.Finished` event with the full result.
+
+    Closing it (``aclose()``, leaving ``async with``, cancelling the task that awaits it, or
+    dropping it) cancels the request, which frees its slot at the next decoding step.
+    ``narrow``/``revoke`` change the request's allowed set mid-generation.
+    """
+
+    def __init__(self, control: RequestControl, events: asyncio.Queue[StreamEvent | BaseException]):
+        self._control = control
+        self._events = events
+        self._done = False
+        self.result: GenerationResult | None = None
+        """The final result, once the :class:`Finished` event was read."""
+        self._finalizer = weakref.finalize(self, control.cancel)
+
+    @property
+    def request_id(self) -> str:
+        return self._control.request_id
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        return self._control.allowed
+
+    def narrow(self, allowed: Iterable[str]) -> tuple[str, ...]:
+        """See :meth:`RequestControl.narrow`."""
+        return self._control.narrow(allowed)
+
+    def revoke(self, expert_ids: Iterable[str]) -> tuple[str, ...]:
+        """See :meth:`RequestControl.revoke`."""
+        return self._control.revoke(expert_ids)
+
+    def cancel(self) -> None:
+        """Cancel the request; the stream still delivers its final (cancelled) result."""
+        self._control.cancel()
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            event = await self._events.get()
+        except asyncio.CancelledError:
+            self._done = True
+            self._control.cancel()
+            raise
+        if isinstance(event, BaseException):
+            self._done = True
+            raise GenerationError(f"generation failed: {event}") from event
+        if isinstance(event, Finished):
+            self._done = True
+            self.result = event.result
+            self._finalizer.detach()
+        return event
+
+    async def aclose(self) -> None:
+        """Cancel the request unless it already finished."""
+        if not self._done:
+            self._done = True
+            self._control.cancel()
+
+    async def collect(self) -> GenerationResult:
+        """Read the remaining events and return the final result."""
+        async for _ in self:
+            pass
+        if self.result is None:
+            raise GenerationError("the stream was closed before it finished")
+        return self.result
+
+    async def __aenter__(self) -> GenerationStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class _Closed(Exception):
+    pass
+
+
+_CLOSE = object()
+
+
+_LIVE: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Stop scheduler threads before the interpreter finalises: a daemon thread still inside
+    # torch at that point makes the C++ runtime abort the process.
+    for scheduler in list(_LIVE):
+        scheduler.close(timeout=5.0)
+
+
+class Scheduler:
+    """Batches the requests of one engine on a thread of its own (started on first use).
+
+    Args:
+        backend: the engine (model, tokenizer, expert ids, device, ``mask_for``).
+        max_batch_size: most requests decoded together; more wait for a free slot.
+        track_usage: account per-expert usage (``GenerationResult.usage`` is None when off).
+    """
+
+    def __init__(
+        self,
+        backend: GenerationBackend,
+        *,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        track_usage: bool = True,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.backend = backend
+        self.max_batch_size = max_batch_size
+        self.track_usage = track_usage
+        self._expert_ids = tuple(backend.expert_ids)
+        self._inbox: queue.SimpleQueue[RunningSequence | object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._batch: DecodeBatch | None = None
+        self._waiting: deque[RunningSequence] = deque()
+        # Fast (Rust) tokenizers are not safe to encode on one thread while another encodes
+        # or decodes the same object ("Already borrowed"): the scheduler encodes with a copy
+        # of its own under a lock, and decodes (scheduler thread only) with another copy.
+        self._encoder = copy.deepcopy(backend.tokenizer)
+        self._encoder_lock = threading.Lock()
+        self._decoder = copy.deepcopy(backend.tokenizer)
+        lock = getattr(backend, "lock", None)
+        self._model_lock: contextlib.AbstractContextManager[Any] = (
+            lock if lock is not None else contextlib.nullcontext()
+        )
+
+    # -- submission (any thread) ----------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        sink: Sink,
+        *,
+        allowed: Collection[str] | None = None,
+        request_id: str | None = None,
+    ) -> RequestControl:
+        """Check and queue a request; its events go to ``sink`` on the scheduler thread.
+
+        Raises ``PromptError``, ``ExpertSetError`` (both ``ValueError``) before any compute.
+        """
+        with self._encoder_lock:
+            prompt_ids = tokenize_prompt(self.backend, prompt, self._encoder)
+        if allowed is not None and isinstance(allowed, str):
+            raise TypeError("allowed must be a collection of expert ids, not a single string")
+        mask = self.backend.mask_for(None if allowed is None else list(allowed), 1)
+        flags = mask[0].tolist()
+        allowed_ids = tuple(e for e, ok in zip(self._expert_ids, flags, strict=True) if ok)
+        request = GenerationRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_ids=prompt_ids,
+            params=params,
+            allowed=allowed_ids,
+        )
+        control = RequestControl(request.request_id, self._expert_ids, allowed_ids)
+        seq = new_sequence(self.backend, request, sink, control, self._decoder)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="flexgate-scheduler", daemon=True
+                )
+                self._thread.start()
+                _LIVE.add(self)
+            self._inbox.put(seq)
+        return control
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        allowed: Collection[str] | None = None,
+        request_id: str | None = None,
+    ) -> GenerationResult:
+        """Generate and wait (blocks the calling thread: from asyncio use :meth:`stream`)."""
+        events: queue.SimpleQueue[StreamEvent | BaseException] = queue.SimpleQueue()
+        control = self.submit(
+            prompt, params or SamplingParams(), events.put, allowed=allowed, request_id=request_id
+        )
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, BaseException):
+                    raise GenerationError(f"generation failed: {event}") from event
+                if isinstance(event, Finished):
+                    return event.result
+        except BaseException:
+            control.cancel()
+            raise
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        allowed: Collection[str] | None = None,
+        request_id: str | None = None,
+    ) -> GenerationStream:
+        """Submit and return the request's async event stream. Call it on the event loop that
+        will iterate the stream."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
+        holder: list[RequestControl] = []
+
+        def sink(event: StreamEvent | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                if holder:
+                    holder[0].cancel()
+
+        control = self.submit(
+            prompt, params or SamplingParams(), sink, allowed=allowed, request_id=request_id
+        )
+        holder.append(control)
+        return GenerationStream(control, events)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop the thread; requests still waiting or running end as ``cancelled``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            self._inbox.put(_CLOSE)
+        if thread is not None:
+            thread.join(timeout)
+
+    @property
+    def running(self) -> int:
+        """Requests in the running batch (approximate when read from another thread)."""
+        return len(self._batch.rows) if self._batch is not None else 0
+
+    # -- the scheduler thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            batch = DecodeBatch(self.backend, track_usage=self.track_usage)
+            self._batch = batch
+            try:
+                while True:
+                    try:
+                        self._iterate(batch)
+                    except _Closed:
+                        raise
+                    except Exception as exc:  # outside the model: fail what is in flight, go on
+                        self._fail([*self._waiting, *batch.clear()], exc)
+                        self._waiting.clear()
+            except _Closed:
+                pass
+            finally:
+                for seq in [*self._waiting, *batch.clear()]:
+                    self._finish(seq, "cancelled")
+                self._waiting.clear()
+                while True:
+                    try:
+                        item = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(item, RunningSequence):
+                        self._finish(item, "cancelled")
+
+    def _take(self, block: bool) -> None:
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            if item is _CLOSE:
+                raise _Closed
+            assert isinstance(item, RunningSequence)
+            self._waiting.append(item)
+            block = False
+
+    def _finish(self, seq: RunningSequence, reason: Any) -> None:
+        try:
+            seq.finish(reason, self._expert_ids, self.track_usage)
+        except Exception as exc:  # never let one request's failure stop the thread
+            seq.deliver(exc)
+
+    def _fail(self, seqs: Iterable[RunningSequence], exc: BaseException) -> None:
+        for seq in seqs:
+            seq.deliver(exc)
+
+    def _iterate(self, batch: DecodeBatch) -> None:
+        self._take(block=not batch.rows and not self._waiting)
+        # The engine's lock: experts are unloaded and loaded only between steps.
+        with self._model_lock:
+            self._apply_controls(batch)
+            self._admit(batch)
+            if batch.rows:
+                try:
+                    batch.step()
+                except Exception as exc:
+                    self._fail(batch.clear(), exc)
+                    return
+                self._retire(batch)
+
+    def _revoke_unloaded(self, batch: DecodeBatch) -> None:
+        """An expert unloaded while requests may use it is revoked from them (fail closed)."""
+        loaded_ids = getattr(self.backend, "loaded_expert_ids", None)
+        if loaded_ids is None:
+            return
+        loaded = frozenset(loaded_ids)
+        if len(loaded) == len(self._expert_ids):
+            return
+        for seq in [*self._waiting, *batch.rows]:
+            _, allowed = seq.control.snapshot()
+            gone = allowed - loaded
+            if gone:
+                seq.control.revoke(gone)
+
+    def _apply_controls(self, batch: DecodeBatch) -> None:
+        """Cancellations and narrowings (and unloaded experts), before the next step."""
+        self._revoke_unloaded(batch)
+        for seq in list(self._waiting):
+            control: RequestControl = seq.control
+            if control.cancelled:
+                self._waiting.remove(seq)
+                self._finish(seq, "cancelled")
+            elif control.version != seq.seen_version:
+                seq.seen_version, allowed = control.snapshot()
+                seq.narrowed |= seq.allowed - allowed
+                seq.allowed = allowed
+                if not allowed:
+                    self._waiting.remove(seq)
+                    self._finish(seq, "cancelled")
+        for index in range(len(batch.rows) - 1, -1, -1):
+            seq = batch.rows[index]
+            control = seq.control
+            if control.cancelled:
+                self._finish(batch.remove(index), "cancelled")
+            elif control.version != seq.seen_version:
+                seq.seen_version, allowed = control.snapshot()
+                if allowed:
+                    batch.set_allowed(index, allowed)
+                else:
+                    removed = batch.remove(index)
+                    removed.narrowed |= removed.allowed
+                    removed.allowed = frozenset()
+                    self._finish(removed, "cancelled")
+
+    def _admit(self, batch: DecodeBatch) -> None:
+        free = self.max_batch_size - len(batch.rows)
+        if free <= 0 or not self._waiting:
+            return
+        newcomers = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        for group in iter_groups(newcomers):
+            try:
+                batch.prefill(group)
+            except Exception as exc:
+                self._fail(group, exc)
+                if batch.cache.batch != len(batch.rows):  # the batch itself is damaged
+                    self._fail(batch.clear(), exc)
+                continue
+            for seq in group:
+                if seq.finish_reason is not None and seq not in batch.rows:
+                    self._finish(seq, seq.finish_reason)
+        self._retire(batch)
+
+    def _retire(self, batch: DecodeBatch) -> None:
+        for index in range(len(batch.rows) - 1, -1, -1):
+            reason = batch.rows[index].finish_reason
+            if reason is not None:
+                self._finish(batch.remove(index), reason)

@@ -1,0 +1,384 @@
+"""The scheduler: batching exactness, continuous batching, streaming, cancellation, narrowing."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from engine.api import Engine, load_engine
+from engine.errors import ExpertSetError
+from engine.generation import Finished, GenerationResult, TextDelta
+from engine.routing import RoutingControl
+from engine.sampling import SamplingParams
+from engine.scheduler import GenerationError, Scheduler
+from tests.unit.engine.conftest import IDS
+
+EXPERTS = IDS
+
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_dir: Path) -> Engine:
+    return load_engine(tiny_dir)
+
+
+@pytest.fixture
+def sched(backend: Engine) -> Iterator[Scheduler]:
+    s = Scheduler(backend, max_batch_size=8)
+    yield s
+    s.close()
+
+
+# Prompts of different lengths and allowed sets: 8 requests, 8 different sets.
+CASES: list[tuple[str, Any]] = [
+    ("The", None),
+    ("The quick brown fox jumps over the lazy dog and keeps running", ("public",)),
+    ("def add(a, b):", ("code", "math")),
+    ("Shall I compare thee", ("news", "public", "math")),
+    ("Theorem: for every natural number n, the sum", ("math",)),
+    ("The stock market rose", ("code",)),
+    ("Permission is", ("public", "code", "news")),
+    ("A", ("news", "math")),
+]
+
+
+class Collector:
+    """A thread-safe sink that records events and signals the end."""
+
+    def __init__(self, on_event: Any = None) -> None:
+        self.events: list[Any] = []
+        self.done = threading.Event()
+        self.on_event = on_event
+
+    def __call__(self, ev: Any) -> None:
+        self.events.append(ev)
+        if self.on_event is not None:
+            self.on_event(self, ev)
+        if isinstance(ev, Finished | BaseException):
+            self.done.set()
+
+    @property
+    def result(self) -> GenerationResult:
+        assert self.done.wait(60), "request did not finish"
+        last = self.events[-1]
+        assert isinstance(last, Finished), last
+        return last.result
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(e.token_ids) for e in self.events if isinstance(e, TextDelta))
+
+
+def test_batched_greedy_equals_alone(backend: Engine, sched: Scheduler) -> None:
+    alone = [sched.generate(p, greedy(10 + i), allowed=a) for i, (p, a) in enumerate(CASES)]
+    sinks = [Collector() for _ in CASES]
+    for i, ((p, a), sink) in enumerate(zip(CASES, sinks, strict=True)):
+        sched.submit(p, greedy(10 + i), sink, allowed=a)
+    batched = [s.result for s in sinks]
+    for x, y in zip(alone, batched, strict=True):
+        assert x.token_ids == y.token_ids
+        assert x.text == y.text
+        assert x.allowed == y.allowed
+        assert x.usage is not None and y.usage is not None
+        for e in EXPERTS:
+            assert x.usage[e][0] == y.usage[e][0]
+            assert x.usage[e][1] == pytest.approx(y.usage[e][1], abs=1e-4)
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(sched: Scheduler) -> None:
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=5, max_tokens=12, ignore_eos=True)
+    alone = sched.generate("The stock market", params, allowed=("news", "public"))
+    sinks = [Collector() for _ in range(4)]
+    sched.submit("The stock market", params, sinks[0], allowed=("news", "public"))
+    for i, s in enumerate(sinks[1:]):
+        sched.submit("Other prompts go here", SamplingParams(temperature=1.0, seed=i), s)
+    assert sinks[0].result.token_ids == alone.token_ids
+
+
+def test_newcomers_join_a_running_batch(sched: Scheduler) -> None:
+    """A long request runs; a longer prompt joins (the cache shifts right), finishes first
+    (the cache compacts), another joins; all equal their outputs alone."""
+    long_p, long_n = "The", 120
+    joiners = [
+        (
+            "The quick brown fox jumps over the lazy dog. A data owner trains an expert",
+            ("public", "code"),
+            8,
+        ),
+        ("Shall I", ("math",), 6),
+    ]
+    alone_long = sched.generate(long_p, greedy(long_n), allowed=("news",))
+    alone_j = [sched.generate(p, greedy(n), allowed=a) for p, a, n in joiners]
+
+    started = threading.Event()
+    long_sink = Collector(lambda c, ev: started.set() if c.n_tokens >= 5 else None)
+    sched.submit(long_p, greedy(long_n), long_sink, allowed=("news",))
+    assert started.wait(30)
+    first = Collector()
+    sched.submit(joiners[0][0], greedy(joiners[0][2]), first, allowed=joiners[0][1])
+    first_result = first.result
+    tokens_when_first_done = long_sink.n_tokens
+    second = Collector()
+    sched.submit(joiners[1][0], greedy(joiners[1][2]), second, allowed=joiners[1][1])
+    second_result = second.result
+    assert not long_sink.done.is_set(), "the joiners waited for the running request"
+    assert tokens_when_first_done < long_n
+    assert long_sink.result.token_ids == alone_long.token_ids
+    assert first_result.token_ids == alone_j[0].token_ids
+    assert second_result.token_ids == alone_j[1].token_ids
+
+
+def test_more_requests_than_slots_all_complete(backend: Engine) -> None:
+    s = Scheduler(backend, max_batch_size=2)
+    try:
+        alone = [s.generate(p, greedy(8), allowed=a) for p, a in CASES[:5]]
+        sinks = [Collector() for _ in range(5)]
+        for (p, a), sink in zip(CASES[:5], sinks, strict=True):
+            s.submit(p, greedy(8), sink, allowed=a)
+        assert [k.result.token_ids for k in sinks] == [r.token_ids for r in alone]
+    finally:
+        s.close()
+
+
+def test_cancel_frees_the_slot(sched: Scheduler) -> None:
+    sink = Collector(lambda c, ev: control.cancel() if c.n_tokens >= 3 else None)
+    control = sched.submit("The", greedy(500), sink)
+    res = sink.result
+    assert res.finish_reason == "cancelled"
+    assert 3 <= res.completion_tokens < 500
+    deadline = time.monotonic() + 5
+    while sched.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sched.running == 0
+    assert sched.generate("The", greedy(3)).completion_tokens == 3
+
+
+def _reference_with_narrowing(
+    backend: Engine, prompt: list[int], tokens: list[int], n: int, narrowed_to: Any
+) -> tuple[list[int], dict[str, tuple[int, float]]]:
+    """Greedy tokens and usage when positions up to token n-1 use every expert and the
+    positions from generated token n on use ``narrowed_to``."""
+    cache = DynamicCache(config=backend.model.config)
+    a = RoutingControl(backend.mask_for(None, 1))
+    b = RoutingControl(backend.mask_for(narrowed_to, 1))
+    with torch.inference_mode():
+        first = backend.model(
+            input_ids=torch.tensor([prompt + tokens[: n - 1]]), past_key_values=cache, routing=a
+        )
+        second = backend.model(
+            input_ids=torch.tensor([tokens[n - 1 : -1]]), past_key_values=cache, routing=b
+        )
+    predicted = first.logits[0, len(prompt) - 1 :].argmax(-1).tolist()
+    predicted += second.logits[0].argmax(-1).tolist()
+    t = (a.tokens + b.tokens)[0].tolist()
+    w = (a.weight + b.weight)[0].tolist()
+    return predicted, {e: (int(t[i]), float(w[i])) for i, e in enumerate(EXPERTS)}
+
+
+@pytest.mark.parametrize(
+    ("revoked", "left"),
+    [(("code", "news"), ("public", "math")), (("public", "code", "news"), ("math",))],
+)
+def test_narrowing_mid_generation_applies_from_the_next_step(
+    backend: Engine, sched: Scheduler, revoked: tuple[str, ...], left: tuple[str, ...]
+) -> None:
+    seen_at_narrowing: list[int] = []
+
+    def narrow(c: Collector, ev: Any) -> None:
+        if not seen_at_narrowing and c.n_tokens >= 4:
+            seen_at_narrowing.append(c.n_tokens)
+            assert control.revoke(revoked) == left
+
+    sink = Collector(narrow)
+    prompt = list(backend.tokenizer("A data owner trains")["input_ids"])
+    control = sched.submit(prompt, greedy(16), sink)
+    res = sink.result
+    assert res.allowed == left
+    assert res.narrowed == revoked
+    n = seen_at_narrowing[0]
+    predicted, usage = _reference_with_narrowing(backend, prompt, list(res.token_ids), n, left)
+    assert predicted == list(res.token_ids)
+    assert res.usage is not None
+    for e in EXPERTS:
+        assert res.usage[e][0] == usage[e][0], (e, res.usage, usage)
+        assert res.usage[e][1] == pytest.approx(usage[e][1], abs=1e-4)
+    # revoked experts were used before, and their usage stopped growing at the narrowing
+    whole = _reference_with_narrowing(backend, prompt, list(res.token_ids), n, None)[1]
+    assert any(res.usage[e][0] < whole[e][0] for e in revoked)
+
+
+def test_narrowing_to_nothing_cancels_and_unknown_ids_are_refused(sched: Scheduler) -> None:
+    errors: list[Exception] = []
+
+    def narrow(c: Collector, ev: Any) -> None:
+        if c.n_tokens >= 2 and not errors:
+            try:
+                control.narrow(["no-such-expert"])
+            except ExpertSetError as exc:
+                errors.append(exc)
+            control.narrow(["math"])
+            control.revoke(["math"])
+
+    sink = Collector(narrow)
+    control = sched.submit("The quick", greedy(200), sink, allowed=("public", "math"))
+    res = sink.result
+    assert errors and "no-such-expert" in str(errors[0])
+    assert res.finish_reason == "cancelled"
+    assert res.allowed == ()
+    assert res.narrowed == ("public", "math")
+    assert res.completion_tokens < 200
+
+
+def test_a_model_failure_fails_the_batch_and_the_scheduler_survives(
+    backend: Engine, sched: Scheduler
+) -> None:
+    layer = backend.model.model.layers[1]
+    real = layer.forward
+    calls = 0
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # a decoding step, after the prefill
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    layer.forward = flaky
+    try:
+        with pytest.raises(GenerationError, match="device lost"):
+            sched.generate("The", greedy(10))
+    finally:
+        del layer.forward
+    assert calls == 3
+    assert sched.generate("The", greedy(4)).completion_tokens == 4
+
+
+async def test_streaming_is_async_and_never_blocks_the_loop(sched: Scheduler) -> None:
+    ticks: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.002)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    stream = sched.stream("The quick brown", greedy(200))
+    texts, final = [], None
+    t0 = time.monotonic()
+    async for ev in stream:
+        if isinstance(ev, TextDelta):
+            texts.append(ev.text)
+        else:
+            final = ev.result
+    elapsed = time.monotonic() - t0
+    stop.set()
+    await task
+    assert final is not None and final.completion_tokens == 200
+    assert "".join(texts) == final.text
+    assert stream.result == final
+    # the loop kept running while the model ran: many ticks, and no gap near the whole run
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert len(ticks) >= 10, (len(ticks), elapsed)
+    assert max(gaps) < elapsed / 2, (max(gaps), elapsed)
+
+
+async def test_aclose_and_task_cancellation_free_the_slot(sched: Scheduler) -> None:
+    stream = sched.stream("The", greedy(500))
+    async for ev in stream:
+        if isinstance(ev, TextDelta):
+            break
+    await stream.aclose()
+
+    async def consume() -> None:
+        async for _ in sched.stream("Shall", greedy(500)):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        if sched.running == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert sched.running == 0
+    res = await sched.stream("A", greedy(3)).collect()
+    assert res.completion_tokens == 3
+
+
+async def test_stream_narrowing_and_context_manager(sched: Scheduler) -> None:
+    async with sched.stream("The data", greedy(30), allowed=("public", "code")) as stream:
+        assert stream.allowed == ("public", "code")
+        async for ev in stream:
+            if isinstance(ev, TextDelta):
+                stream.narrow(["public"])
+            else:
+                assert ev.result.allowed == ("public",)
+                assert ev.result.narrowed == ("code",)
+    assert stream.result is not None
+
+
+def test_close_cancels_what_is_left(backend: Engine) -> None:
+    s = Scheduler(backend)
+    sink = Collector()
+    s.submit("The", greedy(1000), sink)
+    time.sleep(0.05)
+    s.close()
+    assert sink.result.finish_reason in ("cancelled", "length")
+    with pytest.raises(RuntimeError, match="closed"):
+        s.submit("The", greedy(2), Collector())
+
+
+def test_text_prompts_from_many_threads_at_once(backend: Engine, sched: Scheduler) -> None:
+    """Encoding on caller threads while the scheduler decodes must not trip the Rust
+    tokenizer's borrow checks ("Already borrowed")."""
+    expected = sched.generate("Shall I compare thee to a summer's day?", greedy(6))
+    errors: list[BaseException] = []
+    outs: list[tuple[int, ...]] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(5):
+                r = sched.generate("Shall I compare thee to a summer's day?", greedy(6))
+                outs.append(r.token_ids)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert outs == [expected.token_ids] * 30
+
+
+def test_a_failing_sink_cancels_only_its_own_request(sched: Scheduler) -> None:
+    def bad_sink(ev: Any) -> None:
+        raise RuntimeError("client went away")
+
+    good = Collector()
+    sched.submit("The", greedy(40), bad_sink)
+    sched.submit("The", greedy(40), good)
+    assert good.result.completion_tokens == 40
+    deadline = time.monotonic() + 5
+    while sched.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sched.running == 0
