@@ -347,9 +347,16 @@ def _no_store_text(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-async def test_writer_follows_a_head_moved_by_others(db_engine: AsyncEngine, sm: Any) -> None:
+@pytest.mark.parametrize("cas_tries", [3, 0])
+async def test_writer_follows_a_head_moved_by_others(
+    db_engine: AsyncEngine, sm: Any, cas_tries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The writer chains onto the head it last saw; when another appender moved it, the
-    append is re-chained onto the new head (PostgreSQL's compare-and-set path)."""
+    append is re-chained onto the new head (PostgreSQL: compare-and-set, or with no tries
+    left, the head lock)."""
+    import audit.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "CAS_TRIES", cas_tries)
     async with LedgerWriter(db_engine) as writer:
         first = await writer.append(kind="test", principal=None, payload={"n": 1})
         async with sm.begin() as s:
