@@ -6,10 +6,11 @@ history in migrations/ creates them; nothing here calls `create_all`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import MetaData, event
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -23,6 +24,9 @@ from sqlalchemy.orm import DeclarativeBase
 
 from audit import settings
 from audit.errors import DatabaseUnavailable, SchemaOutOfDate
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -41,14 +45,22 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+# WAL lets readers run beside the single writer; busy_timeout makes concurrent processes wait
+# for the write lock instead of failing at once; synchronous=FULL: a commit that returned
+# survives a power loss too (NORMAL in WAL mode only survives a crash of the process), and
+# with group commit the extra fsync is shared by a whole batch.
+SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA busy_timeout=30000",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+)
+
+
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
-    # WAL lets readers run beside the single writer; busy_timeout makes concurrent processes
-    # wait for the write lock instead of failing at once.
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA foreign_keys=ON")
+    for pragma in SQLITE_PRAGMAS:
+        cur.execute(pragma)
     cur.close()
 
 
@@ -58,7 +70,10 @@ def make_engine(url: str | None = None, **kwargs: Any) -> AsyncEngine:
     if is_sqlite(url):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DatabaseUnavailable(f"cannot create the database folder: {exc}") from exc
         engine = create_async_engine(url, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
         return engine
@@ -75,6 +90,8 @@ async def translate_errors() -> AsyncIterator[None]:
     """Turn driver-level connection failures into DatabaseUnavailable."""
     try:
         yield
+    except BrokenPipeError:
+        raise  # our reader went away (`| head`): not the database
     except (OperationalError, DBAPIError, OSError, ConnectionError) as exc:
         if (
             isinstance(exc, DBAPIError)
@@ -83,6 +100,17 @@ async def translate_errors() -> AsyncIterator[None]:
         ):
             raise
         raise DatabaseUnavailable(f"database unreachable: {exc}") from exc
+
+
+def db_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Decorate a library coroutine so connection failures surface as DatabaseUnavailable."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        async with translate_errors():
+            return await fn(*args, **kwargs)
+
+    return wrapper
 
 
 def alembic_config(url: str | None = None) -> Any:

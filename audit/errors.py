@@ -17,3 +17,7 @@ class SchemaOutOfDate(AuditError):
 
 class InvalidQuery(AuditError, ValueError):
     """A malformed filter or cursor."""
+
+
+class SigningKeyError(AuditError):
+    """The checkpoint signing key cannot be created, read, or is not private (mode 0600)."""

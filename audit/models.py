@@ -1,43 +1,95 @@
-"""Tables of the audit ledger (created by migrations/, never by create_all)."""
+"""Tables of the audit ledger (created by migrations/, never by create_all).
+
+`ledger_records` is the ledger itself; every other table here is derived from it and kept in
+the same transaction as each append, so that what it says is always true of the committed
+records: the chain head (with the Merkle frontier), stored Merkle subtrees for proofs, signed
+checkpoints, and the usage summary that makes aggregation independent of the ledger's size.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, String
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import (
+    BigInteger,
+    Dialect,
+    Double,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    type_coerce,
+)
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
+from audit.canonical import canonical_json
 from audit.db import Base
 
-# JSONB on PostgreSQL for indexed queries; plain JSON (text) on SQLite.
-JSONType = JSON().with_variant(JSONB(), "postgresql")
-
 GENESIS_HASH = "0" * 64
+SEQ_TYPE = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class CanonicalJSON(TypeDecorator[Any]):
+    """A JSON object kept as its canonical text (the hashed bytes); a dict in Python.
+
+    ORM users (`record.payload["x"]`) see a dict; the ledger's own hot paths read the text
+    itself through `PAYLOAD_TEXT` and never re-encode it. Text already given is stored as is.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        return canonical_json(value).decode("utf-8")
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else json.loads(value)
 
 
 class LedgerRecord(Base):
-    """One record of the append-only, hash-chained ledger (DESIGN.md, "Ledger record contract")."""
+    """One record of the append-only, hash-chained ledger (DESIGN.md, "Ledger record contract").
+
+    `at` and `payload` hold the exact text that was hashed (RFC 3339 UTC with microseconds;
+    canonical JSON), not a database timestamp or JSONB: what is queried is then byte for byte
+    what is verified, nothing is lost in a round trip through a driver's types, and
+    verification hashes the stored text without re-encoding it. Queries read the payload with
+    the database's JSON functions; the fixed-width time text sorts in time order, and the
+    ledger keeps `at` non-decreasing along seq.
+    """
 
     __tablename__ = "ledger_records"
 
-    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    id: Mapped[str] = mapped_column(String(36), unique=True)
-    kind: Mapped[str] = mapped_column(String(64), index=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
-    principal: Mapped[str | None] = mapped_column(String(255), index=True)
-    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # INTEGER on SQLite makes seq the rowid itself (one b-tree, not a table plus an index).
+    seq: Mapped[int] = mapped_column(SEQ_TYPE, primary_key=True, autoincrement=False)
+    id: Mapped[str] = mapped_column(String(36))
+    kind: Mapped[str] = mapped_column(String(64))
+    at: Mapped[str] = mapped_column(String(27), index=True)
+    principal: Mapped[str | None] = mapped_column(String(255))
+    payload: Mapped[dict[str, Any]] = mapped_column(CanonicalJSON())
     prev_hash: Mapped[str] = mapped_column(String(64))
-    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    hash: Mapped[str] = mapped_column(String(64))
+
+    # (kind, seq) and (principal, seq): a filtered page `WHERE kind = ? AND seq > ? ORDER BY
+    # seq LIMIT n` reads exactly the rows it returns, however rare the kind.
+    __table_args__ = (
+        Index("ix_ledger_records_kind_seq", "kind", "seq"),
+        Index("ix_ledger_records_principal_seq", "principal", "seq"),
+    )
 
 
 class LedgerHead(Base):
     """The chain head: one row whose lock serialises appenders on every database.
 
-    Appenders take it with `UPDATE ... RETURNING` first, which on PostgreSQL is a row lock and on
-    SQLite acquires the single write lock before anything is read, so no two appenders can read
-    the same head.
+    Appenders lock it first (PostgreSQL: `SELECT ... FOR UPDATE`; SQLite: a no-op
+    `UPDATE ... RETURNING`, which takes the single write lock before anything is read), so no
+    two appenders can read the same head. It also carries the latest `at` (so time never runs
+    backwards along the chain) and the Merkle frontier over all record hashes (so a checkpoint
+    is O(log n)).
     """
 
     __tablename__ = "ledger_head"
@@ -45,3 +97,57 @@ class LedgerHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+    at: Mapped[str | None] = mapped_column(String(27))
+    frontier: Mapped[str] = mapped_column(Text)
+
+
+class LedgerMerkleNode(Base):
+    """A complete perfect subtree of 2**level record hashes (level >= 8), for fast proofs.
+
+    Node (level, idx) covers leaves [idx * 2**level, (idx + 1) * 2**level). Smaller subtrees
+    are recomputed from at most 256 record hashes; storing them would cost a row per record.
+    """
+
+    __tablename__ = "ledger_merkle_nodes"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class LedgerCheckpoint(Base):
+    """A signed checkpoint over the first `size` records; its own `checkpoint` ledger record
+    is record `size + 1` (appended in the same transaction)."""
+
+    __tablename__ = "ledger_checkpoints"
+
+    size: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    root: Mapped[str] = mapped_column(String(64))
+    at: Mapped[str] = mapped_column(String(27))
+    key_id: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(String(128))
+
+
+class LedgerUsage(Base):
+    """Usage of experts by hour, principal and purpose, summed from `inference` records.
+
+    Kept on append in the same transaction, so aggregating over a million records reads a few
+    hundred summary rows; hours (not days) keep a time bound inside a day cheap, since only
+    the part-hours at the edges are summed from the records themselves. `expert = ""` rows
+    hold the request totals (every expert's tokens and weight together, and each request
+    counted once); `principal = ""` stands for none.
+    """
+
+    __tablename__ = "ledger_usage"
+
+    hour: Mapped[str] = mapped_column(String(13), primary_key=True)  # YYYY-MM-DDTHH (UTC)
+    principal: Mapped[str] = mapped_column(String(255), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expert: Mapped[str] = mapped_column(String(128), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    weight: Mapped[float] = mapped_column(Double)
+
+
+# The stored payload text, selected without decoding (hashing, export, verification).
+PAYLOAD_TEXT = type_coerce(LedgerRecord.payload, Text).label("payload")

@@ -26,3 +26,14 @@ def database_url() -> str:
 def store_raw_text() -> bool:
     """Operator switch: keep raw prompts and completions in the (hashed) ledger payload."""
     return os.environ.get("FLEXGATE_AUDIT_STORE_TEXT", "").lower() in {"1", "true", "yes"}
+
+
+def checkpoint_every() -> int:
+    """Records between automatic signed checkpoints (FLEXGATE_AUDIT_CHECKPOINT_EVERY)."""
+    return int(os.environ.get("FLEXGATE_AUDIT_CHECKPOINT_EVERY", "1000"))
+
+
+def checkpoint_interval_s() -> float:
+    """Seconds between automatic checkpoints while records arrive
+    (FLEXGATE_AUDIT_CHECKPOINT_SECONDS)."""
+    return float(os.environ.get("FLEXGATE_AUDIT_CHECKPOINT_SECONDS", "60"))
