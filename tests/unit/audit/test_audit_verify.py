@@ -235,9 +235,9 @@ async def test_checkpoint_payload_is_canonical(ledger: AsyncEngine) -> None:
         "TRUNCATE ledger_merkle_nodes",
     ],
 )
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 async def test_postgresql_trigger_refuses_changes(ledger: AsyncEngine, statement: str) -> None:
-    if ledger.dialect.name != "postgresql":
-        pytest.skip("the append-only triggers are PostgreSQL's")
+    assert ledger.dialect.name == "postgresql"
     with pytest.raises(DBAPIError, match="append-only"):
         async with ledger.begin() as conn:
             await conn.execute(text(statement))
