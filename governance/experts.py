@@ -233,14 +233,14 @@ async def sync_experts(
             await ch.record(
                 "expert.registered",
                 {
-                    "expert_id": expert_id,
+                    "expert": expert_id,
                     "position": row.position,
                     "declared_owner": row.declared_owner,
                     "description": row.description,
                 },
             )
         for expert_id, owner in report.owners_assigned.items():
-            await ch.record("expert.owner_assigned", {"expert_id": expert_id, "owner": owner})
+            await ch.record("expert.owner_assigned", {"expert": expert_id, "owner": owner})
         if report.updated or report.absent:
             await ch.record(
                 "expert.updated",
@@ -298,7 +298,7 @@ async def _grant_public(ch: Change, expert_id: str, now: datetime) -> str:
         "license.granted",
         {
             "license_id": lic.id,
-            "expert_id": expert_id,
+            "expert": expert_id,
             "grantee": ANY,
             "purposes": [ANY],
             "valid_from": None,
@@ -328,7 +328,7 @@ async def assign_owner(
         row.owner_id = owner_id
         await ch.record(
             "expert.owner_assigned",
-            {"expert_id": expert_id, "owner": owner_id, "previous_owner": previous},
+            {"expert": expert_id, "owner": owner_id, "previous_owner": previous},
         )
     return row
 
@@ -366,7 +366,7 @@ async def withdraw_expert(session: AsyncSession, *, actor: Identity, expert_id: 
         row.status = WITHDRAWN
         row.withdrawn_at = datetime.now(UTC)
         await policy.adapter(session).add_policy("g", "g2", policy.withdrawal_link(expert_id))
-        await ch.record("expert.withdrawn", {"expert_id": expert_id})
+        await ch.record("expert.withdrawn", {"expert": expert_id})
         ch.after_commit(_notify(expert_id, "withdrawn"))
     return row
 
@@ -381,6 +381,6 @@ async def reinstate_expert(session: AsyncSession, *, actor: Identity, expert_id:
         row.status = ACTIVE
         row.withdrawn_at = None
         await policy.adapter(session).remove_policy("g", "g2", policy.withdrawal_link(expert_id))
-        await ch.record("expert.reinstated", {"expert_id": expert_id})
+        await ch.record("expert.reinstated", {"expert": expert_id})
         ch.after_commit(_notify(expert_id, "reinstated"))
     return row

@@ -116,7 +116,7 @@ async def grant_license(
             "license.granted",
             {
                 "license_id": lic.id,
-                "expert_id": expert_id,
+                "expert": expert_id,
                 "grantee": grantee,
                 "purposes": purpose_list,
                 "valid_from": _iso(valid_from),
@@ -168,7 +168,7 @@ async def revoke_license(
             raise RuntimeError(f"license {license_id} has no Casbin rule: policy out of sync")
         await ch.record(
             "license.revoked",
-            {"license_id": license_id, "expert_id": lic.expert_id, "grantee": lic.grantee},
+            {"license_id": license_id, "expert": lic.expert_id, "grantee": lic.grantee},
         )
     return lic
 
@@ -217,7 +217,7 @@ async def deny(session: AsyncSession, *, actor: Identity, expert_id: str, grante
             "p", "p", policy.denial_rule(grantee=grantee, expert_id=expert_id)
         )
         await ch.record(
-            "license.denied", {"denial_id": row.id, "expert_id": expert_id, "grantee": grantee}
+            "license.denied", {"denial_id": row.id, "expert": expert_id, "grantee": grantee}
         )
     return row
 
@@ -238,7 +238,7 @@ async def lift_denial(session: AsyncSession, *, actor: Identity, denial_id: str)
             raise RuntimeError(f"deny rule {denial_id} has no Casbin rule: policy out of sync")
         await ch.record(
             "license.deny_lifted",
-            {"denial_id": denial_id, "expert_id": row.expert_id, "grantee": row.grantee},
+            {"denial_id": denial_id, "expert": row.expert_id, "grantee": row.grantee},
         )
     return row
 

@@ -222,3 +222,28 @@ async def test_concurrent_writers_are_serialised(world: World) -> None:
     assert sorted(type(r).__name__ for r in racing) == ["DuplicateGrant", "License"]
     async with world.sm() as s:
         assert await read_version(s) == version + len(grantees) + 1
+
+
+async def test_records_about_an_expert_are_found_by_its_owner(world: World) -> None:
+    """Every governance record about an expert names it as `payload.expert`, which is what the
+    ledger's expert filter and a data owner's scope match on."""
+    from audit.query import RecordQuery, query_records
+
+    async with world.sm() as s:
+        lic = await grant_license(s, actor=OLGA, expert_id="code", grantee="group:research")
+        den = await deny(s, actor=OLGA, expert_id="code", grantee="app-1")
+        await revoke_license(s, actor=OLGA, license_id=lic.id)
+        await withdraw_expert(s, actor=OLGA, expert_id="code")
+        await reinstate_expert(s, actor=OLGA, expert_id="code")
+    async with world.sm() as s:
+        page = await query_records(s, RecordQuery.from_params({}, scope_experts=["code"]))
+        by_expert = await query_records(
+            s, RecordQuery.from_params({"expert": "code", "expert_mode": "any"})
+        )
+    kinds = [r.kind for r in page.records]
+    for kind in ("expert.registered", "license.granted", "license.denied", "license.revoked"):
+        assert kind in kinds
+    assert kinds[-2:] == ["expert.withdrawn", "expert.reinstated"]
+    assert all(r.payload.get("expert") == "code" for r in page.records)
+    assert [r.seq for r in by_expert.records] == [r.seq for r in page.records]
+    assert den.id in {r.payload.get("denial_id") for r in page.records}
