@@ -86,6 +86,8 @@ async def test_revocation_narrows_a_running_generation_within_one_second(
         registry = InflightRegistry()
         watcher = PolicyWatcher(sm, store, interval=0.1)
         watcher.subscribe(registry.on_policy_change)
+        narrowed = asyncio.Event()  # set once the registry has narrowed the stream
+        watcher.subscribe(lambda _: narrowed.set() if registry_narrowed() else None)
         prompt = [int(i) for i in tiny_engine.tokenizer("Shall I compare thee")["input_ids"]]
         stream = tiny_engine.stream(
             prompt, allowed=decision.allowed, max_tokens=6000, temperature=0, ignore_eos=True
@@ -98,13 +100,16 @@ async def test_revocation_narrows_a_running_generation_within_one_second(
             narrowing=None,
             policy_version=snap.version,
         )
+
+        def registry_narrowed() -> bool:
+            return entry.narrowed_monotonic is not None
+
         async with watcher:
             first = await anext(stream)  # generation is under way
             assert isinstance(first, TextDelta)
             committed = await _revoke_in_another_process(db_url, model_dir, lic.id)
-            while entry.narrowed_monotonic is None and time.monotonic() - committed < 5:
-                await asyncio.sleep(0.02)
-            assert entry.narrowed_monotonic is not None, "the revocation never reached the stream"
+            await asyncio.wait_for(narrowed.wait(), timeout=5)
+            assert entry.narrowed_monotonic is not None
             latency = max(0.0, entry.narrowed_monotonic - committed)
             assert latency <= 1.0, f"revocation took {latency:.2f} s to reach the generation"
             assert stream.allowed == ("public",)
