@@ -11,8 +11,10 @@ cache, causal mask). The MoE block differs in three ways:
 - the router may carry a per-expert bias (``mlp.gate.bias``, the FlexOlmo paper's negative
   bias on non-public experts), added to the router logits when present.
 
-Tokens are grouped by expert (one stable sort and one bincount per layer) and only the experts
-that received tokens run, each on its own device.
+Tokens are grouped by expert (on the host for the few selections of a decoding step, by one
+stable sort and one bincount for a prefill) and only the experts that received tokens run, each
+on its own device; a single token (batch-1 decoding) runs its experts on the hidden state
+itself and sums their outputs with one small matrix product.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ __all__ = [
 
 ROUTER_BIAS_ATTR = "router_bias"
 """Config attribute (bool): the checkpoint carries ``model.layers.N.mlp.gate.bias``."""
+
+_HOST_GROUPING_MAX = 64
+"""Up to this many selections per layer are grouped by expert on the host (one transfer of
+the ids) rather than by a device sort and bincount."""
 
 ExpertMLP = fo.FlexOlmoMLP
 """One expert's FFN: transformers' FlexOlmoMLP (gate_proj, up_proj, down_proj, SiLU)."""
@@ -150,41 +156,71 @@ class GovernedSparseMoeBlock(nn.Module):
     ) -> torch.Tensor:
         """Run each selected expert once on the tokens routed to it; sum weighted outputs.
 
-        Selections are sorted by expert (sentinel ``num_experts`` for invalid ones, which sort
-        last and are dropped), gathered once, and scattered back with one index_add."""
+        Few selections (decoding steps) are grouped on the host from one transfer of the
+        selected ids; many (prefill) are sorted by expert on the device (sentinel
+        ``num_experts`` for invalid selections, which sort last and are dropped), gathered
+        once, and scattered back with one index_add."""
         n_exp = self.num_experts
-        k = experts.shape[1]
+        n_tok, k = experts.shape
         flat = experts.reshape(-1).to(h.device)  # no-op unless the router sits elsewhere
         weights = weights.to(h.device)
         if valid is not None:
             flat = flat.masked_fill(~valid.reshape(-1).to(h.device), n_exp)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=n_exp + 1).tolist()  # the one host sync
-        order = order[: flat.numel() - counts[n_exp]]
+        if flat.numel() <= _HOST_GROUPING_MAX:
+            ids: list[int] = flat.tolist()  # the one host sync
+            if n_tok == 1:
+                return self._dispatch_one(h, ids, weights)
+            groups: list[list[int]] = [[] for _ in range(n_exp + 1)]
+            for pos, e in enumerate(ids):
+                groups[e].append(pos)
+            counts = [len(g) for g in groups]
+            order_list = [pos for g in groups[:n_exp] for pos in g]
+            order = torch.tensor(order_list, dtype=torch.long, device=h.device)
+        else:
+            order = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=n_exp + 1).tolist()  # the one host sync
+            order = order[: flat.numel() - counts[n_exp]]
         token_of = order // k
         x = h.index_select(0, token_of)
-        direct = self._direct_flags()
         outs: list[torch.Tensor] = []
         start = 0
         for e in range(n_exp):
             c = counts[e]
             if c == 0:
                 continue
-            xe = x[start : start + c]
+            outs.append(self._run_expert(e, x[start : start + c], h.device))
             start += c
-            expert = cast(ExpertMLP, self.experts[e])
-            if direct[e]:
-                gate = F.linear(xe, expert.gate_proj.weight)
-                up = F.linear(xe, expert.up_proj.weight)
-                outs.append(F.linear(expert.act_fn(gate) * up, expert.down_proj.weight))
-            else:  # accelerate hooks bring offloaded weights in, or run it on its own device
-                outs.append(expert(xe).to(h.device))
         out = torch.zeros_like(h)
         if outs:
             y = torch.cat(outs) if len(outs) > 1 else outs[0]
             w = weights.reshape(-1).index_select(0, order).unsqueeze(1)
             out.index_add_(0, token_of, (y * w).to(out.dtype))
         return out
+
+    def _dispatch_one(self, h: torch.Tensor, ids: list[int], weights: torch.Tensor) -> torch.Tensor:
+        """One token (batch-1 decoding): each selected expert runs on ``h`` itself (no
+        gather), and the weighted sum is one ``[1, m] @ [m, hidden]`` product (no scatter)."""
+        n_exp = self.num_experts
+        picked = [j for j, e in enumerate(ids) if e < n_exp]
+        if not picked:
+            return torch.zeros_like(h)
+        outs = [self._run_expert(ids[j], h, h.device) for j in picked]
+        w = weights.reshape(1, -1)
+        if len(picked) < len(ids):
+            w = w[:, picked]
+        if len(outs) == 1:
+            return (outs[0] * w).to(h.dtype)
+        return torch.mm(w.to(outs[0].dtype), torch.cat(outs)).to(h.dtype)
+
+    def _run_expert(self, e: int, xe: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Expert ``e`` on ``xe``, its output on ``device``."""
+        expert = cast(ExpertMLP, self.experts[e])
+        if self._direct_flags()[e]:
+            gate = F.linear(xe, expert.gate_proj.weight)
+            up = F.linear(xe, expert.up_proj.weight)
+            return F.linear(expert.act_fn(gate) * up, expert.down_proj.weight)
+        # accelerate hooks bring offloaded weights in, or run it on its own device
+        return cast(torch.Tensor, expert(xe)).to(device)
 
 
 class GovernedFlexOlmoDecoderLayer(GradientCheckpointingLayer):  # type: ignore[no-untyped-call]

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import queue
 import threading
+import time
 import uuid
 import weakref
 from collections import deque
@@ -49,6 +50,11 @@ from engine.sampling import SamplingParams
 __all__ = ["GenerationError", "GenerationStream", "RequestControl", "Scheduler"]
 
 DEFAULT_MAX_BATCH_SIZE = 16
+
+ADMISSION_WINDOW_S = 0.002
+"""When an idle scheduler wakes for a request, it waits this long (at most; less once the batch
+is full) for more before prefilling, so that a burst of submissions is prefilled and decoded as
+one batch rather than the first request alone and the rest one step later."""
 
 
 class GenerationError(EngineError, RuntimeError):
@@ -394,15 +400,24 @@ class Scheduler:
                         self._finish(item, "cancelled")
 
     def _take(self, block: bool) -> None:
+        deadline: float | None = None
         while True:
             try:
-                item = self._inbox.get(block=block)
+                if block:
+                    item = self._inbox.get()
+                else:
+                    left = 0.0 if deadline is None else deadline - time.monotonic()
+                    item = self._inbox.get(timeout=left) if left > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 return
             if item is _CLOSE:
                 raise _Closed
             assert isinstance(item, RunningSequence)
             self._waiting.append(item)
+            if block:  # woken from idle: give a burst of submissions time to arrive
+                deadline = time.monotonic() + ADMISSION_WINDOW_S
+            if len(self._waiting) >= self.max_batch_size:
+                deadline = None
             block = False
 
     def _finish(self, seq: RunningSequence, reason: Any) -> None:
