@@ -67,6 +67,8 @@ _PG_PAGE_SQL = (
     "WHERE seq > $1 AND seq <= $2 ORDER BY seq"
 )
 
+_SQLITE_PAGE_SQL = _PG_PAGE_SQL.replace("$1", "?").replace("$2", "?")
+
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
@@ -168,6 +170,11 @@ class _Run:
             raw = await conn.get_raw_connection()
             driver: Any = raw.driver_connection
             return list(await driver.fetch(_PG_PAGE_SQL, after, until))
+        if conn.dialect.name == "sqlite" and conn.dialect.driver == "aiosqlite":
+            # sqlite3's own tuples, fetched in one hop to aiosqlite's thread.
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            return list(await driver.execute_fetchall(_SQLITE_PAGE_SQL, (after, until)))
         result = await conn.execute(
             select(*_RECORD_COLUMNS)
             .where(LedgerRecord.seq > after, LedgerRecord.seq <= until)

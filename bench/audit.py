@@ -9,7 +9,7 @@ For each backend (SQLite file, PostgreSQL database `fg_bench_audit`, created and
   loaded in batches of 2,000 through `append_many` and covered by a signed checkpoint;
 - latency of usage aggregation over those records (by expert, principal, day; median of 5).
 
-Payloads are realistic inference payloads (`audit.inference.inference_payload`, ~650 bytes):
+Payloads are realistic inference payloads (`audit.inference.inference_payload`, ~800 bytes):
 50 principals, 8 experts, 3 purposes.
 
 Usage: python bench/audit.py [--backends sqlite,postgresql] [--appends 20000]
