@@ -44,8 +44,8 @@ from audit.canonical import canonical_json, format_time, json_string, record_has
 from audit.checkpoints import Checkpoint, StoredTree, latest_checkpoint
 from audit.db import db_errors, translate_errors
 from audit.errors import InvalidQuery, SigningKeyError
-from audit.models import LedgerRecord
-from audit.query import RECORD_COLUMNS, parse_when
+from audit.models import RECORD_COLUMNS, LedgerRecord
+from audit.query import parse_when
 from audit.signing import key_id_of, load_public_key, trusted_public_keys
 
 ExportFormat = Literal["jsonl", "csv"]

@@ -151,3 +151,15 @@ class LedgerUsage(Base):
 
 # The stored payload text, selected without decoding (hashing, export, verification).
 PAYLOAD_TEXT = type_coerce(LedgerRecord.payload, Text).label("payload")
+
+RECORD_COLUMNS = (
+    LedgerRecord.seq,
+    LedgerRecord.id,
+    LedgerRecord.kind,
+    LedgerRecord.at,
+    LedgerRecord.principal,
+    PAYLOAD_TEXT,
+    LedgerRecord.prev_hash,
+    LedgerRecord.hash,
+)
+"""A record's columns in contract order, as the readers (query, verify, export) select them."""

@@ -43,7 +43,7 @@ from audit.canonical import format_time, parse_time
 from audit.db import db_errors
 from audit.errors import InvalidQuery
 from audit.ledger import INFERENCE, Entry, _add_usage, inference_usage
-from audit.models import PAYLOAD_TEXT, LedgerRecord, LedgerUsage
+from audit.models import PAYLOAD_TEXT, RECORD_COLUMNS, LedgerRecord, LedgerUsage
 
 MAX_LIMIT = 1000
 EXPERT_MODES = ("used", "allowed", "excluded", "any")
@@ -195,18 +195,6 @@ def entry_of(row: Any) -> Entry:
     return Entry(
         int(seq), rid, kind, parse_time(at), principal, json.loads(payload), prev_hash, digest
     )
-
-
-RECORD_COLUMNS = (
-    LedgerRecord.seq,
-    LedgerRecord.id,
-    LedgerRecord.kind,
-    LedgerRecord.at,
-    LedgerRecord.principal,
-    PAYLOAD_TEXT,
-    LedgerRecord.prev_hash,
-    LedgerRecord.hash,
-)
 
 
 class _Json:

@@ -40,21 +40,17 @@ from audit.checkpoints import Checkpoint, StoredTree
 from audit.db import db_errors
 from audit.errors import AuditError, InvalidQuery
 from audit.ledger import CHECKPOINT, HEAD_ID
-from audit.models import GENESIS_HASH, PAYLOAD_TEXT, LedgerCheckpoint, LedgerHead, LedgerRecord
+from audit.models import (
+    GENESIS_HASH,
+    RECORD_COLUMNS,
+    LedgerCheckpoint,
+    LedgerHead,
+    LedgerRecord,
+)
 from audit.signing import trusted_public_keys
 
 PAGE = 5000
 
-_RECORD_COLUMNS = (
-    LedgerRecord.seq,
-    LedgerRecord.id,
-    LedgerRecord.kind,
-    LedgerRecord.at,
-    LedgerRecord.principal,
-    PAYLOAD_TEXT,
-    LedgerRecord.prev_hash,
-    LedgerRecord.hash,
-)
 _CHECKPOINT_COLUMNS = (
     LedgerCheckpoint.size,
     LedgerCheckpoint.root,
@@ -176,7 +172,7 @@ class _Run:
             driver = raw.driver_connection
             return list(await driver.execute_fetchall(_SQLITE_PAGE_SQL, (after, until)))
         result = await conn.execute(
-            select(*_RECORD_COLUMNS)
+            select(*RECORD_COLUMNS)
             .where(LedgerRecord.seq > after, LedgerRecord.seq <= until)
             .order_by(LedgerRecord.seq)
         )
