@@ -50,6 +50,16 @@ _HOST_GROUPING_MAX = 64
 """Up to this many selections per layer are grouped by expert on the host (one transfer of
 the ids) rather than by a device sort and bincount."""
 
+_SKINNY_MAX = 64
+"""An expert given 2 to this many tokens on a CPU that runs torch ops on several threads (a
+batched decoding step routes ~2 rows to each expert) computes ``W @ x.T`` instead of
+``x @ W.T``. Same products; but torch's CPU GEMM splits a skinny ``x @ W.T`` across threads by
+rows of ``x``, so every thread streams the whole weight, while ``W @ x.T`` splits the weight's
+rows between them. Measured on the 2-core development machine (torch 2.13 CPU, MKL, 2 threads):
+~1.1 ms vs ~0.36-0.76 ms per expert of 2 tokens, batch-8 decoding ~25 % faster. With one
+thread the two forms read the same bytes and ``F.linear`` is a little faster, so it is kept
+there, and for a single token or a prefill."""
+
 ExpertMLP = fo.FlexOlmoMLP
 """One expert's FFN: transformers' FlexOlmoMLP (gate_proj, up_proj, down_proj, SiLU)."""
 
@@ -216,6 +226,13 @@ class GovernedSparseMoeBlock(nn.Module):
         """Expert ``e`` on ``xe``, its output on ``device``."""
         expert = cast(ExpertMLP, self.experts[e])
         if self._direct_flags()[e]:
+            n = xe.shape[0]
+            if 1 < n <= _SKINNY_MAX and xe.device.type == "cpu" and torch.get_num_threads() > 1:
+                # Transposed: W @ x.T rather than x @ W.T (see _SKINNY_MAX).
+                xt = xe.t()
+                gate_t = torch.mm(expert.gate_proj.weight, xt)
+                up_t = torch.mm(expert.up_proj.weight, xt)
+                return torch.mm(expert.down_proj.weight, expert.act_fn(gate_t) * up_t).t()
             gate = F.linear(xe, expert.gate_proj.weight)
             up = F.linear(xe, expert.up_proj.weight)
             return F.linear(expert.act_fn(gate) * up, expert.down_proj.weight)

@@ -3,7 +3,7 @@ excluded experts, per-row sets, errors before compute, router bias."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,16 @@ Ref = Callable[[Path], FlexOlmoForCausalLM]
 @pytest.fixture(scope="module")
 def eng(tiny_dir: Path) -> Engine:
     return load_engine(tiny_dir)
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Run a test with 1 and with 2 torch threads: a few tokens per expert take the
+    ``W @ x.T`` form with several threads and ``F.linear`` with one (engine.modeling)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
 
 
 def ref_logits(model: FlexOlmoForCausalLM, ids: torch.Tensor) -> torch.Tensor:
@@ -76,7 +86,7 @@ def test_top_k_above_set_size_and_norm_topk(
 
 
 def test_mixed_batch_each_row_equals_its_pruned_model(
-    eng: Engine, tiny_dir: Path, reference_for: Ref, input_ids: torch.Tensor
+    eng: Engine, tiny_dir: Path, reference_for: Ref, input_ids: torch.Tensor, torch_threads: int
 ) -> None:
     rows = [("public", "code"), ("math",), ("code", "news", "math")]
     got = eng.forward(input_ids, allowed=rows).logits
@@ -206,7 +216,9 @@ def test_routing_none_on_the_model_is_all_experts(eng: Engine, input_ids: torch.
     torch.testing.assert_close(bare, eng.forward(input_ids).logits, atol=0, rtol=0)
 
 
-def test_kv_cache_decode_matches_full_forward(eng: Engine, input_ids: torch.Tensor) -> None:
+def test_kv_cache_decode_matches_full_forward(
+    eng: Engine, input_ids: torch.Tensor, torch_threads: int
+) -> None:
     """Prefill then token-by-token decode with one reused RoutingControl equals one forward;
     usage accumulates across the calls."""
     rows = [("public", "code"), ("math",), IDS]
