@@ -132,7 +132,7 @@ _public_key_option = click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Worker processes checking chunks of records (default: one per CPU; 1: none).",
+    help="Worker processes checking chunks of records (default: one per CPU, at most 8; 1: none).",
 )
 @_public_key_option
 def verify(from_seq: int, workers: int | None, public_keys: tuple[str, ...]) -> None:

@@ -16,19 +16,19 @@ it checks. The inner loop is written for speed (locals, one escape check for all
 fields, the canonical body built by one f-string); `audit.canonical.record_hash` remains the
 definition and a test holds them equal.
 
-With more than one worker (default: one per CPU) and at least two chunks of records, the
-records are checked by worker processes (`python -m audit.verify_worker`, each with its own
-connection), in chunks of `chunk` records (a power of two, 32,768 by default) starting at
-multiples of it, so a chunk's Merkle subtrees are those of the whole tree. This process takes
-the results in order and stitches them: each chunk's first prev_hash and time against the last
-of the chunk before, its checkpoints against the frontier before the chunk grown by the
-chunk's subtrees. Memory stays constant (a result is a few subtree hashes). A chunk in which a
-worker saw a fault (or that a worker could not check) is checked again from its start in this
-process, page by page, so the first bad seq and the reason are those of a one-process run.
-SQLite files and PostgreSQL (asyncpg) are checked this way; an in-memory SQLite database, or
-fewer than two chunks of records, in this process alone. Measured on a 2-CPU machine shared
-with the database server and other work: ~1.3-1.9x the records/s of one process with
-two workers, no better with three or four.
+With more than one worker (default: one per CPU, at most 8) and at least two chunks of
+records, the records are checked by worker processes (`python -m audit.verify_worker`, each
+with its own connection), in chunks of `chunk` records (a power of two, 32,768 by default)
+starting at multiples of it, so a chunk's Merkle subtrees are those of the whole tree. This
+process takes the results in order and stitches them: each chunk's first prev_hash and time
+against the last of the chunk before, its checkpoints against the frontier before the chunk
+grown by the chunk's subtrees. Memory stays constant (a result is a few subtree hashes). A
+chunk in which a worker saw a fault (or that a worker could not check) is checked again from
+its start in this process, page by page, so the first bad seq and the reason are those of a
+one-process run. SQLite files and PostgreSQL (asyncpg) are checked this way; an in-memory
+SQLite database, or fewer than two chunks of records, in this process alone. Measured on a
+2-CPU machine shared with the database server and other work: ~1.3-1.9x the records/s of one
+process with two workers, no better with three or four.
 
 What it cannot see, by construction: records appended after the latest checkpoint can be
 rewritten consistently by someone with write access to the database until the next checkpoint
@@ -71,6 +71,7 @@ from audit.verify_worker import Chunk, ChunkResult
 PAGE = 5000
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `audit` imports from
 CHUNK = 1 << 15  # records per worker task (a power of two)
+MAX_DEFAULT_WORKERS = 8  # each is a database connection
 
 _CHECKPOINT_COLUMNS = (
     LedgerCheckpoint.size,
@@ -130,10 +131,10 @@ async def verify(
     """Verify the ledger from `from_seq` (the records before it are trusted as stored).
 
     `public_keys` (key_id -> key) defaults to FLEXGATE_HOME's key. `workers` (default: the
-    CPU count) worker processes check chunks of `chunk` records (a power of two) when there
-    are at least two chunks; 1 checks everything in this process. Returns a report; raises
-    only for bad arguments (InvalidQuery) or an unreachable database (DatabaseUnavailable
-    when wrapped in `audit.db.translate_errors`, as the CLI does).
+    CPU count, at most 8) worker processes check chunks of `chunk` records (a power of two)
+    when there are at least two chunks; 1 checks everything in this process. Returns a
+    report; raises only for bad arguments (InvalidQuery) or an unreachable database
+    (DatabaseUnavailable when wrapped in `audit.db.translate_errors`, as the CLI does).
     """
     if from_seq < 1:
         raise InvalidQuery("from_seq must be >= 1")
@@ -156,7 +157,7 @@ async def verify(
         raise InvalidQuery("workers must be >= 1")
     run = _Run(session, keys, from_seq, upper, page_size)
     conn = await session.connection()
-    run.workers = (os.cpu_count() or 1) if workers is None else workers
+    run.workers = min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS) if workers is None else workers
     run.chunk, run.target = chunk, _worker_target(conn.engine.url)
     try:
         await run.records()
