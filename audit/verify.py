@@ -200,23 +200,27 @@ class _Workers:
         self.feeders: list[asyncio.Task[None]] = []
         self.done = 0
 
-    async def __aenter__(self) -> _Workers:
+    async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.results = [loop.create_future() for _ in self.tasks]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
         for _ in range(self.n):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "audit.verify_worker",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                env=env,
-            )
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "audit.verify_worker",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    env=env,
+                )
+            except OSError:  # no more processes: those started do the work
+                if not self.procs:
+                    raise
+                break
             self.procs.append(proc)
             self.feeders.append(asyncio.ensure_future(self._feed(proc)))
-        return self
 
     async def _feed(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdin is not None and proc.stdout is not None
@@ -229,6 +233,8 @@ class _Workers:
                 await proc.stdin.drain()
                 size = int.from_bytes(await proc.stdout.readexactly(4), "big")
                 result = pickle.loads(await proc.stdout.readexactly(size))
+                if not isinstance(result, ChunkResult):
+                    result = ChunkResult(False)
             except Exception:  # the worker died or answered nonsense: the chunk is checked here
                 result = ChunkResult(False)
             if not self.results[i].done():
@@ -248,14 +254,13 @@ class _Workers:
                 proc.kill()
             await proc.wait()
 
-    async def __aexit__(self, *exc: object) -> None:
-        if all(r.done() for r in self.results):
-            for proc in self.procs:  # idle: end of input, and they exit
-                assert proc.stdin is not None
-                proc.stdin.close()
-            for proc in self.procs:
-                await proc.wait()
-        await self.stop()
+    async def close(self) -> None:
+        """After the last result: the workers are idle; end their input and they exit."""
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        for proc in self.procs:
+            await proc.wait()
 
 
 class _Run:
@@ -383,16 +388,25 @@ class _Run:
             Chunk(backend, target, lo, hi, self.page, tuple(self.frontier.nodes) if i == 0 else ())
             for i, (lo, hi) in enumerate(itertools.pairwise(bounds))
         ]
-        async with _Workers(self.workers, tasks) as results:
+        workers = _Workers(self.workers, tasks)
+        try:
+            await workers.start()
+        except OSError:  # no worker process could start: all in this process
+            await self._pages(start)
+            return
+        try:
             for task in tasks:
-                result = await results.next()
+                result = await workers.next()
                 if not (
                     result.ok and result.first_prev == self.prev and result.first_at >= self.prev_at
                 ):
-                    await results.stop()
+                    await workers.stop()
                     await self._pages(task.lo)
                     return
                 await self._stitch(task, result)
+            await workers.close()
+        finally:
+            await workers.stop()  # whatever is left (a fault, a cancellation)
 
     async def _stitch(self, task: Chunk, result: ChunkResult) -> None:
         """Take a checked chunk into the run: its checkpoints, then its frontier and last hash."""
