@@ -26,9 +26,10 @@ grown by the chunk's subtrees. Memory stays constant (a result is a few subtree 
 chunk in which a worker saw a fault (or that a worker could not check) is checked again from
 its start in this process, page by page, so the first bad seq and the reason are those of a
 one-process run. SQLite files and PostgreSQL (asyncpg) are checked this way; an in-memory
-SQLite database, or fewer than two chunks of records, in this process alone. Measured on a
-2-CPU machine shared with the database server and other work: ~1.3-1.9x the records/s of one
-process with two workers, no better with three or four.
+SQLite database, or fewer than two chunks of records, in this process alone. Measured over
+1 M records on a 2-CPU machine shared with the database server and other work: two workers
+give 2.3x (SQLite) and 1.8x (PostgreSQL) the records/s of one process; three or four, no more
+than two (bench/audit.py --verify-workers).
 
 What it cannot see, by construction: records appended after the latest checkpoint can be
 rewritten consistently by someone with write access to the database until the next checkpoint
