@@ -128,14 +128,22 @@ _public_key_option = click.option(
 
 @audit.command()
 @click.option("--from-seq", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes checking chunks of records (default: one per CPU, at most 8; 1: none).",
+)
 @_public_key_option
-def verify(from_seq: int, public_keys: tuple[str, ...]) -> None:
+def verify(from_seq: int, workers: int | None, public_keys: tuple[str, ...]) -> None:
     """Verify chain, checkpoints and head; exit 0 intact, 1 tampered (first bad seq shown)."""
     from audit.verify import verify as run_verify
 
     keys = _public_keys(public_keys)
     report = _run_db(
-        lambda: _with_session(lambda s: run_verify(s, from_seq=from_seq, public_keys=keys))
+        lambda: _with_session(
+            lambda s: run_verify(s, from_seq=from_seq, public_keys=keys, workers=workers)
+        )
     )
     _echo_json(report.as_dict())
     sys.exit(0 if report.ok else 1)

@@ -6,7 +6,9 @@ For each backend (SQLite file, PostgreSQL database `fg_bench_audit`, created and
   summary, group commit through `LedgerWriter`) against plain INSERTs of the same rows into the
   same table, one transaction per row (what an application without a ledger would do);
 - verification records/s (`audit.verify.verify`) over `--records` records (default 1 M),
-  loaded in batches of 2,000 through `append_many` and covered by a signed checkpoint;
+  loaded in batches of 2,000 through `append_many` and covered by a signed checkpoint, with
+  each of `--verify-workers` worker counts (default 1,2; 1 = one process), `--verify-runs`
+  times each, interleaved; the verify column of the last table is the best of the last count;
 - latency of usage aggregation over those records (by expert, principal, day; median of 5).
 
 Payloads are realistic inference payloads (`audit.inference.inference_payload`, ~800 bytes):
@@ -14,6 +16,7 @@ Payloads are realistic inference payloads (`audit.inference.inference_payload`, 
 
 Usage: python bench/audit.py [--backends sqlite,postgresql] [--appends 20000]
        [--records 1000000] [--pg-admin-url postgresql://postgres@127.0.0.1:5432/postgres]
+       [--only all|verify] [--verify-workers 1,2] [--verify-runs 3]
 """
 
 from __future__ import annotations
@@ -175,18 +178,32 @@ async def load(url: str, rows: list[tuple[str, dict[str, Any]]], n: int, home: P
         await engine.dispose()
 
 
-async def bench_verify(url: str, home: Path) -> tuple[float, int]:
+async def bench_verify(url: str, home: Path, workers: int | None = None) -> tuple[float, int]:
     engine = make_engine(url)
     signer = Signer.load_or_create(home)
     try:
         async with make_sessionmaker(engine)() as session:
             start = time.perf_counter()
-            report = await verify(session, public_keys={signer.key_id: signer.public_key})
+            report = await verify(
+                session, public_keys={signer.key_id: signer.public_key}, workers=workers
+            )
             elapsed = time.perf_counter() - start
         assert report.ok, report
         return report.records / elapsed, report.records
     finally:
         await engine.dispose()
+
+
+async def bench_verify_modes(
+    url: str, home: Path, workers: list[int], runs: int
+) -> dict[int, list[float]]:
+    """records/s of `runs` verifications per worker count, interleaved (w1, w2, w1, w2, ...)
+    so that a change in the machine's load hits every mode alike."""
+    rates: dict[int, list[float]] = {w: [] for w in workers}
+    for _ in range(runs):
+        for w in workers:
+            rates[w].append((await bench_verify(url, home, w))[0])
+    return rates
 
 
 async def bench_usage(url: str) -> dict[str, Any]:
@@ -217,7 +234,17 @@ async def main() -> None:
     parser.add_argument("--appends", type=int, default=20000, help="appends at 32 appenders")
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument(
+        "--only", choices=["all", "verify"], default="all", help="verify: load and verify only"
+    )
+    parser.add_argument(
+        "--verify-workers",
+        default="1,2",
+        help="worker counts to verify with, interleaved (1: one process)",
+    )
+    parser.add_argument("--verify-runs", type=int, default=3, help="verifications per count")
     args = parser.parse_args()
+    verify_workers = [int(w) for w in args.verify_workers.split(",")]
     rows = payloads(max(args.appends, 20000))
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -229,7 +256,7 @@ async def main() -> None:
         folder = Path(tmp)
         for backend in args.backends.split(","):
             r: dict[str, Any] = {}
-            for concurrency in (1, 32):
+            for concurrency in (1, 32) if args.only == "all" else ():
                 n = args.appends if concurrency > 1 else max(args.appends // 10, 500)
                 url = await fresh_database(backend, args.pg_admin_url, folder)
                 r[f"chain{concurrency}"] = await bench_chain(url, rows[:n], concurrency)
@@ -239,12 +266,28 @@ async def main() -> None:
             url = await fresh_database(backend, args.pg_admin_url, folder)
             home = folder / f"home-{backend}"
             r["load"] = await load(url, rows, args.records, home)
-            r["verify"], r["verified"] = await bench_verify(url, home)
-            r.update(await bench_usage(url))
+            r["verify_modes"] = await bench_verify_modes(
+                url, home, verify_workers, args.verify_runs
+            )
+            r["verified"] = args.records + 1  # and the checkpoint record
+            r["verify"] = max(r["verify_modes"][verify_workers[-1]])
+            if args.only == "all":
+                r.update(await bench_usage(url))
             print(backend, r, flush=True)
             results[backend] = r
             if backend == "postgresql":
                 await _pg_admin(args.pg_admin_url, f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)")
+    print()
+    print("| backend | records | verify workers | verify best (records/s) | median | runs |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for backend, r in results.items():
+        for w, rates in r["verify_modes"].items():
+            print(
+                f"| {backend} | {r['verified']:,} | {w} | {max(rates):,.0f} "
+                f"| {statistics.median(rates):,.0f} | {', '.join(f'{x:,.0f}' for x in rates)} |"
+            )
+    if args.only != "all":
+        return
     print()
     print(
         "| backend | appenders | chain + group commit (appends/s) | plain INSERT (rows/s) "

@@ -56,6 +56,8 @@ def test_verify_exit_codes(run: Any, db_url: str) -> None:
     report = json.loads(run("audit", "verify").stdout)
     assert report["ok"] and report["records"] == 31
     assert json.loads(run("audit", "verify", "--from-seq", "12").stdout)["records"] == 20
+    assert json.loads(run("audit", "verify", "--workers", "1").stdout)["ok"]
+    assert "--workers" in run("audit", "verify", "--workers", "0", code=2).output
     _tamper(db_url, "DELETE FROM ledger_records WHERE seq = 4")
     bad = json.loads(run("audit", "verify", code=1).stdout)
     assert (bad["ok"], bad["first_bad_seq"]) == (False, 4)

@@ -22,9 +22,25 @@ from audit.verify import VerifyReport, verify
 N, MARKS, TOTAL = 40, (10, 30), 42
 
 
+# How `_verify` runs, set per test by `_mode`: in this process, or in chunks of 8 records on
+# two worker processes (so the 42 records of a test ledger make 6 chunks).
+_MODE: dict[str, int] = {}
+ONE, WORKERS = {"workers": 1}, {"workers": 2, "chunk": 8}
+
+
+@pytest.fixture(autouse=True, params=["one-process", "workers"])
+def _mode(request: pytest.FixtureRequest) -> None:
+    _MODE.clear()
+    _MODE.update(ONE if request.param == "one-process" else WORKERS)
+
+
 async def _verify(engine: AsyncEngine, signer: Signer, **kw: object) -> VerifyReport:
     async with make_sessionmaker(engine)() as session:
-        return await verify(session, public_keys={signer.key_id: signer.public_key}, **kw)  # type: ignore[arg-type]
+        return await verify(
+            session,
+            public_keys={signer.key_id: signer.public_key},
+            **{**_MODE, **kw},  # type: ignore[arg-type]
+        )
 
 
 @pytest.fixture
@@ -53,6 +69,86 @@ async def test_intact_ledger_verifies(ledger: AsyncEngine, signer: Signer) -> No
     }
     partial = await _verify(ledger, signer, from_seq=20)
     assert partial.ok and partial.records == TOTAL - 19 and partial.checkpoints == 1
+
+
+async def test_workers_do_the_work(ledger: AsyncEngine, signer: Signer) -> None:
+    """With workers, an intact ledger is checked by them: chunks (0, 8], ..., (40, 42], and from
+    seq 20: (19, 24], (24, 32], (32, 40], (40, 42] (the first grown from the stored frontier)."""
+    report = await _verify(ledger, signer, **WORKERS)
+    assert (report.ok, report.records, report.checkpoints) == (True, TOTAL, 2)
+    assert report.worker_chunks == 6
+    partial = await _verify(ledger, signer, from_seq=20, **WORKERS)
+    assert (partial.ok, partial.records, partial.checkpoints) == (True, TOTAL - 19, 1)
+    assert partial.worker_chunks == 4
+    alone = await _verify(ledger, signer, workers=1, chunk=8)
+    assert alone.ok and alone.worker_chunks == 0
+
+
+@pytest.mark.parametrize("seq", [1, 8, 9, 11, 16, 17, 30, 32, 33, 41, 42])
+async def test_modified_record_in_any_chunk(ledger: AsyncEngine, signer: Signer, seq: int) -> None:
+    """Wherever the change lies (first or last record of a chunk, inside one, a checkpoint
+    record), the report is the one-process report; the chunks before it come from workers."""
+    await tamper(ledger, "UPDATE ledger_records SET principal = 'mallory' WHERE seq = :s", s=seq)
+    report = await _verify(ledger, signer)
+    assert (report.ok, report.first_bad_seq) == (False, seq)
+    assert "modified" in (report.reason or "")
+    if _MODE == WORKERS:
+        assert report.worker_chunks == (seq - 1) // 8
+
+
+async def _rehash(engine: AsyncEngine, seq: int, **change: str) -> None:
+    """Set `change` (column -> value) on record `seq` and recompute every hash from it on, the
+    head included, as an attacker with database access could."""
+    rows = await _rows(engine)
+    prev, statements, params = "0" * 64, [], {}
+    frontier = merkle.Frontier()
+    for r in rows:
+        n = int(r["seq"])
+        if n == seq:
+            r.update(change)
+            prev = str(r["prev_hash"])
+        if n >= seq:
+            digest = stored_record_hash(
+                prev, n, str(r["id"]), str(r["kind"]), str(r["at"]),
+                r["principal"], str(r["payload"]),  # type: ignore[arg-type]
+            )  # fmt: skip
+            statements.append(
+                f"UPDATE ledger_records SET at = :a{n}, prev_hash = :v{n}, hash = :h{n} "
+                f"WHERE seq = {n}"
+            )
+            params.update({f"a{n}": str(r["at"]), f"v{n}": prev, f"h{n}": digest})
+            r["hash"] = digest
+        frontier.append(merkle.leaf_hash(bytes.fromhex(str(r["hash"]))))
+        prev = str(r["hash"])
+    statements.append("UPDATE ledger_head SET hash = :hh, frontier = :ff")
+    params.update(hh=prev, ff=frontier.to_text())
+    await tamper(engine, *statements, **params)
+
+
+async def test_chain_broken_at_a_chunk_start(ledger: AsyncEngine, signer: Signer) -> None:
+    """Record 33 (the first of a chunk) follows a hash that is not record 32's, and the chain
+    is rehashed from there: each chunk is consistent in itself; the link between them is not."""
+    await _rehash(ledger, 33, prev_hash="ab" * 32)
+    report = await _verify(ledger, signer)
+    assert (report.ok, report.first_bad_seq) == (False, 33)
+    assert "prev_hash" in (report.reason or "")
+    if _MODE == WORKERS:
+        assert report.worker_chunks == 4
+
+
+async def test_time_back_at_a_chunk_start(ledger: AsyncEngine, signer: Signer) -> None:
+    (first,) = await _rows(ledger, "seq = 1")
+    await _rehash(ledger, 33, at=str(first["at"]).replace("20", "19", 1))
+    report = await _verify(ledger, signer)
+    assert (report.ok, report.first_bad_seq) == (False, 33)
+    assert "dated before" in (report.reason or "")
+
+
+async def test_bad_worker_arguments(ledger: AsyncEngine, signer: Signer) -> None:
+    with pytest.raises(InvalidQuery):
+        await _verify(ledger, signer, chunk=6)
+    with pytest.raises(InvalidQuery):
+        await _verify(ledger, signer, workers=0)
 
 
 async def test_small_pages_and_empty_ledger(db_engine: AsyncEngine, signer: Signer) -> None:
