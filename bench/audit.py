@@ -217,6 +217,12 @@ async def main() -> None:
     parser.add_argument("--appends", type=int, default=20000, help="appends at 32 appenders")
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument(
+        "--only",
+        choices=("appends", "chain32", "ledger"),
+        help="appends: the appends table only; chain32: the chain at 32 appenders only; "
+        "ledger: load, verify and usage only",
+    )
     args = parser.parse_args()
     rows = payloads(max(args.appends, 20000))
     print(
@@ -229,13 +235,23 @@ async def main() -> None:
         folder = Path(tmp)
         for backend in args.backends.split(","):
             r: dict[str, Any] = {}
-            for concurrency in (1, 32):
+            for concurrency in (1, 32) if args.only != "ledger" else ():
+                if args.only == "chain32" and concurrency == 1:
+                    continue
                 n = args.appends if concurrency > 1 else max(args.appends // 10, 500)
                 url = await fresh_database(backend, args.pg_admin_url, folder)
                 r[f"chain{concurrency}"] = await bench_chain(url, rows[:n], concurrency)
-                url = await fresh_database(backend, args.pg_admin_url, folder)
-                r[f"plain{concurrency}"] = await bench_plain(url, rows[:n], concurrency)
+                if args.only != "chain32":
+                    url = await fresh_database(backend, args.pg_admin_url, folder)
+                    r[f"plain{concurrency}"] = await bench_plain(url, rows[:n], concurrency)
                 print(backend, concurrency, r, flush=True)
+            if args.only in ("appends", "chain32"):
+                results[backend] = r
+                if backend == "postgresql":
+                    await _pg_admin(
+                        args.pg_admin_url, f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)"
+                    )
+                continue
             url = await fresh_database(backend, args.pg_admin_url, folder)
             home = folder / f"home-{backend}"
             r["load"] = await load(url, rows, args.records, home)
@@ -253,6 +269,8 @@ async def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     for backend, r in results.items():
         for c in (1, 32):
+            if f"plain{c}" not in r:
+                continue
             chain, plain = r[f"chain{c}"], r[f"plain{c}"]
             print(f"| {backend} | {c} | {chain:,.0f} | {plain:,.0f} | {plain / chain:.2f}x |")
     print()
@@ -262,6 +280,8 @@ async def main() -> None:
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for backend, r in results.items():
+        if "verified" not in r:
+            continue
         print(
             f"| {backend} | {r['verified']:,} | {r['load']:,.0f} | {r['verify']:,.0f} "
             f"| {r['expert']:.1f} / {r['principal']:.1f} / {r['day']:.1f} | {r['summary_rows']:,} |"
