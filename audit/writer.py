@@ -17,6 +17,10 @@ waits its turn, so every batch makes progress); on SQLite on its own sqlite3 con
 thread, one thread hop per batch (aiosqlite would cost one per statement). Both measured
 several times faster than the same work through SQLAlchemy sessions (bench/audit.py).
 
+The usage summary is not written by appends: when a batch crosses a multiple of
+`audit.summary.FOLD_EVERY` the writer folds the records since the summary's watermark in, in
+a background transaction of its own (one at a time), and once more on close.
+
 The writer also takes signed checkpoints every `checkpoint_every` records or
 `checkpoint_interval_s` seconds (decided under the head lock, so several processes sharing
 the database do not duplicate them), in a transaction of its own: a checkpoint failure is
@@ -54,6 +58,7 @@ from audit.ledger import (
     write_batch,
 )
 from audit.signing import Signer
+from audit.summary import fold_due, fold_usage
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,8 @@ class LedgerWriter:
         self._closed = False
         self._last_checkpoint_record = 0  # seq of the latest checkpoint's own record, as known
         self._last_checkpoint_time = time.monotonic()
+        self._fold_task: asyncio.Task[None] | None = None
+        self._unfolded = False  # records committed since the last fold began
 
     async def __aenter__(self) -> LedgerWriter:
         await self.start()
@@ -122,6 +129,12 @@ class LedgerWriter:
             return
         await self._queue.put(None)
         await self._task
+        if self._fold_task is not None:
+            await self._fold_task
+        if self._unfolded and not self._uses_own_sqlalchemy_connection():
+            # Leave the tail short for whoever aggregates next: after any fold in progress
+            # elsewhere (which may have begun before this writer's last records committed).
+            await self._fold(wait=True)
         if self._conn is not None:
             conn, self._conn = self._conn, None
             with contextlib.suppress(Exception):
@@ -206,7 +219,34 @@ class LedgerWriter:
         for (_, future), entry in zip(batch, entries, strict=True):
             if not future.done():
                 future.set_result(entry)
+        self._unfolded = True
+        if fold_due(entries[0].seq - 1, entries[-1].seq):
+            self._start_fold()
         return entries[-1].seq
+
+    def _start_fold(self) -> None:
+        """Fold the usage summary in a transaction of its own, beside the appends (one fold
+        at a time per writer; writers in other processes may fold too, see audit.summary)."""
+        if self._uses_own_sqlalchemy_connection():
+            return  # that path folds inside its batch's transaction (write_batch)
+        if self._fold_task is None or self._fold_task.done():
+            self._fold_task = asyncio.create_task(self._fold(), name="ledger-usage-fold")
+
+    async def _fold(self, *, wait: bool = False) -> None:
+        self._unfolded = False
+        try:
+            async with translate_errors(), self._engine.begin() as conn:
+                await fold_usage(conn, wait=wait)
+        except Exception:
+            log.exception("usage summary fold failed; the next one will take its records")
+
+    def _uses_own_sqlalchemy_connection(self) -> bool:
+        """True where batches go through the generic SQLAlchemy path (in-memory SQLite,
+        drivers other than asyncpg), on the engine's connection that no fold may share."""
+        url = self._engine.url
+        if url.get_backend_name() == "sqlite":
+            return (url.database or "") in ("", ":memory:")
+        return url.get_driver_name() != "asyncpg"
 
     async def _write(self, records: list[Prepared]) -> list[Entry]:
         """One transaction on the writer's own connection: lock the head, chain, write.
@@ -225,8 +265,10 @@ class LedgerWriter:
             if conn.dialect.name == "postgresql" and conn.dialect.driver == "asyncpg":
                 return await self._write_asyncpg(conn, records)
             async with translate_errors(), conn.begin():
-                batch = build_batch(await lock_connection(conn), records)
-                await write_batch(conn, batch)
+                state = await lock_connection(conn)
+                before = state.seq
+                batch = build_batch(state, records)
+                await write_batch(conn, batch, before)  # folds the summary itself when due
             return batch.entries
         except BaseException:
             self._conn, self._head = None, None
@@ -249,7 +291,7 @@ class LedgerWriter:
                 base = self._head
                 state = HeadState(base.seq, base.hash, base.at, base.frontier.copy())
                 batch = build_batch(state, records)
-                current = await raw.fetch(PG_APPEND_SQL, base.seq, *pg_write_args(batch))
+                current = await raw.fetch(PG_APPEND_SQL, base.seq, base.hash, *pg_write_args(batch))
                 if not current:  # written and committed
                     self._head = _advanced(state, batch)
                     return batch.entries
@@ -345,15 +387,6 @@ class _SqliteBatchWriter:
                 db.executemany(
                     "INSERT INTO ledger_merkle_nodes (level, idx, hash) VALUES (?, ?, ?)",
                     batch.nodes,
-                )
-            if batch.usage:
-                db.executemany(
-                    "INSERT INTO ledger_usage (hour, principal, purpose, expert, requests, "
-                    "tokens, weight) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (hour, principal, purpose, expert) DO UPDATE SET "
-                    "requests = requests + excluded.requests, "
-                    "tokens = tokens + excluded.tokens, weight = weight + excluded.weight",
-                    [(*key, int(c[0]), int(c[1]), float(c[2])) for key, c in batch.usage.items()],
                 )
             db.execute(
                 "UPDATE ledger_head SET seq = ?, hash = ?, at = ?, frontier = ? WHERE id = 1",

@@ -14,7 +14,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.db import make_sessionmaker
-from audit.models import LedgerRecord, LedgerUsage
+from audit.models import LedgerRecord, LedgerUsage, LedgerUsageMark
+from audit.query import usage
 from audit.verify import verify
 from audit.writer import LedgerWriter
 
@@ -87,7 +88,12 @@ async def test_eight_processes_one_chain(db_url: str, db_engine: AsyncEngine) ->
         requests = await session.scalar(
             select(func.sum(LedgerUsage.requests)).where(LedgerUsage.expert == "")
         )
-    assert requests == 4000  # the usage summary stayed exact under concurrency
+        mark = await session.scalar(select(LedgerUsageMark.seq))
+        by_principal = await usage(session, by="principal")
+    # Eight writers folding beside each other's appends: every record counted exactly once,
+    # and all of them folded in by the time the writers closed.
+    assert (requests, mark) == (4000, 4000)
+    assert sum(r.requests for r in by_principal) == 4000
 
 
 async def test_sigkill_loses_nothing_acknowledged(db_url: str, db_engine: AsyncEngine) -> None:
