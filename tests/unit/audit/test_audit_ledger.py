@@ -26,6 +26,7 @@ from audit.checkpoints import (
     list_checkpoints,
     maybe_checkpoint,
 )
+from audit.db import make_sessionmaker
 from audit.errors import AuditError, InvalidQuery, SigningKeyError
 from audit.inference import inference_payload, prompt_sha256
 from audit.ledger import NewRecord, append, append_many
@@ -483,3 +484,42 @@ async def test_writer_follows_a_head_moved_by_others(
         from audit.verify import verify
 
         assert (await verify(s, public_keys={})).ok
+
+
+AWKWARD = ['a"b', "back\\slash", "{br,aces}", "NULL", "null", " sp ace ", "ünï\u2028code", '\\"']
+
+
+async def test_awkward_text_is_stored_exactly(db_engine: AsyncEngine, sm: Any) -> None:
+    """Principals, kinds and payloads with quotes, backslashes, braces, commas, NULL and
+    spaces survive both append paths byte for byte (the chain verifies)."""
+    from audit.verify import verify
+
+    records = [NewRecord("null", p, {"text": p, "nested": {p: [p, None]}}) for p in AWKWARD]
+    async with sm.begin() as s:
+        written = await append_many(s, records)
+    async with LedgerWriter(db_engine) as writer:
+        written += await asyncio.gather(
+            *(writer.append(kind=r.kind, principal=r.principal, payload=r.payload) for r in records)
+        )
+    async with sm() as s:
+        stored = (await s.execute(select(LedgerRecord).order_by(LedgerRecord.seq))).scalars().all()
+        report = await verify(s, public_keys={})
+    assert report.ok, report
+    assert [(r.kind, r.principal, r.payload) for r in stored] == [
+        (e.kind, e.principal, e.payload) for e in written
+    ]
+    assert [r.principal for r in stored] == AWKWARD * 2
+
+
+async def test_cancelled_caller_does_not_withdraw_its_record(db_engine: AsyncEngine) -> None:
+    async with LedgerWriter(db_engine) as writer:
+        waiting = asyncio.create_task(writer.append(kind="ok", principal="p", payload={"i": 1}))
+        await asyncio.sleep(0)  # queued
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        after = await writer.append(kind="ok", principal="p", payload={"i": 2})
+    assert after.seq == 2  # the cancelled caller's record was still written, first
+    async with make_sessionmaker(db_engine)() as s:
+        payloads = await s.scalars(select(LedgerRecord.payload).order_by(LedgerRecord.seq))
+        assert payloads.all() == [{"i": 1}, {"i": 2}]
