@@ -123,11 +123,6 @@ def usage_cells(dialect: str) -> Subquery:
     return union_all(summary, select(*tail.c)).subquery("cells")
 
 
-async def usage_mark(conn: AsyncConnection) -> int:
-    """The seq up to which the summary holds the records."""
-    return int((await conn.execute(text(_MARK[1:-1]))).scalar_one())
-
-
 async def fold_usage(conn: AsyncConnection, *, wait: bool = False) -> int | None:
     """Fold the committed records after the mark into the summary, in `conn`'s transaction.
 
@@ -151,6 +146,7 @@ async def fold_usage(conn: AsyncConnection, *, wait: bool = False) -> int | None
     head = int((await conn.execute(text("SELECT seq FROM ledger_head WHERE id = 1"))).scalar_one())
     if head <= mark:
         return mark
+    # `WHERE true`: SQLite's grammar needs it to read ON CONFLICT as the upsert's.
     fold: Any = text(
         "INSERT INTO ledger_usage AS u (hour, principal, purpose, expert, requests, tokens, "
         "weight) "
