@@ -107,7 +107,8 @@ class LedgerWriter:
         )
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._closed = False
+        self._closed = False  # no more appends
+        self._shut = False  # close() has run
         self._last_checkpoint_record = 0  # seq of the latest checkpoint's own record, as known
         self._last_checkpoint_time = time.monotonic()
         self._fold_task: asyncio.Task[None] | None = None
@@ -133,13 +134,14 @@ class LedgerWriter:
 
     async def close(self) -> None:
         """Commit everything queued so far, then stop; later appends raise RuntimeError."""
-        if self._closed:
+        if self._shut:
             return
-        self._closed = True
+        self._shut = self._closed = True
         if self._task is None:
             return
-        await self._queue.put(None)
-        await self._task
+        if not self._task.done():  # else it was cancelled or crashed: release what it held
+            await self._queue.put(None)
+            await self._task
         if self._fold_task is not None:
             await self._fold_task
         if self._unfolded and not self._uses_own_sqlalchemy_connection():
@@ -234,41 +236,47 @@ class LedgerWriter:
         current head, then the head lock).
         """
         flights: deque[_Flight] = deque()
-        stopping = False
-        while True:
-            if not stopping and len(flights) < PIPELINE and (not flights or self._queue.qsize()):
-                # Idle: wait for an append (or an interval checkpoint); else take what is queued.
-                item = await self._next_item() if not flights else self._queue.get_nowait()
-                if item is None:
-                    stopping = True
-                else:
-                    # What is queued is shared among the free slots, so that the batches
-                    # overlap from the start rather than one taking everything.
-                    free = PIPELINE - len(flights)
-                    share = -(-(self._queue.qsize() + 1) // free)
-                    batch, stopping = self._take(item, share)
-                    busy = {f.slot for f in flights}
-                    slot = next(i for i in range(PIPELINE) if i not in busy)
-                    flight = await self._send(batch, slot)
-                    if flight is not None:
-                        flights.append(flight)
+        try:
+            stopping = False
+            while True:
+                room = not stopping and len(flights) < PIPELINE
+                if room and (not flights or self._queue.qsize()):
+                    # Idle: wait for an append (or an interval checkpoint); else take what
+                    # is queued.
+                    item = await self._next_item() if not flights else self._queue.get_nowait()
+                    if item is None:
+                        stopping = True
+                    else:
+                        # What is queued is shared among the free slots, so that the batches
+                        # overlap from the start rather than one taking everything.
+                        free = PIPELINE - len(flights)
+                        share = -(-(self._queue.qsize() + 1) // free)
+                        batch, stopping = self._take(item, share)
+                        busy = {f.slot for f in flights}
+                        slot = next(i for i in range(PIPELINE) if i not in busy)
+                        flight = await self._send(batch, slot)
+                        if flight is not None:
+                            flights.append(flight)
+                        continue
+                if not flights:
+                    if stopping:
+                        return
                     continue
-            if not flights:
-                if stopping:
-                    return
-                continue
-            oldest = flights[0]
-            if not oldest.task.done():
-                self._wake.clear()
-                if stopping or len(flights) >= PIPELINE:
-                    await asyncio.wait([oldest.task])
-                else:
-                    await self._wake.wait()  # an append queued, or a batch landed
-                continue
-            flights.popleft()
-            last_seq = await self._land(oldest, flights)
-            if last_seq is not None:
-                await self._checkpoint_if_due(last_seq)
+                oldest = flights[0]
+                if not oldest.task.done():
+                    self._wake.clear()
+                    if stopping or len(flights) >= PIPELINE:
+                        await asyncio.wait([oldest.task])
+                    else:
+                        await self._wake.wait()  # an append queued, or a batch landed
+                    continue
+                flights.popleft()
+                last_seq = await self._land(oldest, flights)
+                if last_seq is not None:
+                    await self._checkpoint_if_due(last_seq)
+        finally:  # cancelled: nobody may wait forever on a batch that will never land
+            for f in flights:
+                self._fail(f.items, RuntimeError("the ledger writer stopped"))
 
     async def _raw(self, slot: int) -> Any:
         """The asyncpg connection of pipeline slot `slot` (kept between batches; slot 0 is

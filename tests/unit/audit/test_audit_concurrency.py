@@ -203,3 +203,21 @@ async def test_pipeline_failed_batch_fails_alone(db_engine: AsyncEngine) -> None
     assert entries[0].payload == {"n": 1}
     assert after.seq == 11
     await _check_chain(db_engine, 11)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_cancelled_writer_fails_the_batches_in_flight(db_engine: AsyncEngine) -> None:
+    sm = make_sessionmaker(db_engine)
+    writer = LedgerWriter(db_engine)
+    await writer.start()
+    try:
+        async with sm.begin() as s:  # holds the head lock
+            await s.execute(text("SELECT seq FROM ledger_head WHERE id = 1 FOR UPDATE"))
+            first, rest, _pid = await _two_flights(writer, db_engine)
+            assert writer._task is not None
+            writer._task.cancel()
+            for task in [first, *rest]:
+                with pytest.raises(RuntimeError, match="stopped"):
+                    await task
+    finally:
+        await writer.close()
