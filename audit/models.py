@@ -138,7 +138,8 @@ class LedgerUsage(Base):
     and a short tail of records; hours (not days) keep a time bound inside a day cheap, since
     only the part-hours at the edges are summed from the records themselves. `expert = ""`
     rows hold the request totals (every expert's tokens and weight together, and each request
-    counted once); `principal = ""` stands for none.
+    counted once); `principal = ""` stands for none. On PostgreSQL the table has
+    `fillfactor = 30` (migration 0101), so that folds update it in place (HOT) without bloat.
     """
 
     __tablename__ = "ledger_usage"

@@ -126,6 +126,11 @@ def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(f"DROP FUNCTION flexgate_ledger_append({OLD_SIGNATURE})")
         op.execute(APPEND_FUNCTION)
+        # A fold updates every summary row it touches: with room on each page the updates
+        # are HOT and pages prune themselves. At the default (100) they were not, and a
+        # million records' folds left ~25 MB of dead rows in a table of 1,350 (aggregation
+        # 2 ms -> 53 ms); at 30 it stays ~0.4 MB.
+        op.execute("ALTER TABLE ledger_usage SET (fillfactor = 30)")
 
 
 def downgrade() -> None:
@@ -143,6 +148,7 @@ def downgrade() -> None:
         "weight = u.weight + excluded.weight"
     )
     if bind.dialect.name == "postgresql":
+        op.execute("ALTER TABLE ledger_usage RESET (fillfactor)")
         op.execute(f"DROP FUNCTION flexgate_ledger_append({NEW_SIGNATURE})")
         op.execute(OLD_APPEND_FUNCTION)
     op.drop_table("ledger_usage_mark")
