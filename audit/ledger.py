@@ -2,9 +2,11 @@
 
 `append` joins the caller's transaction, so a governance change and its record commit
 together or not at all. The chain-head row is locked first, which serialises appenders across
-coroutines and processes on both SQLite and PostgreSQL; everything derived from the records
-(the head's Merkle frontier, stored Merkle subtrees, the usage summary) is written in the same
-transaction, so it can never disagree with what committed. Take the head lock last in a
+coroutines and processes on both SQLite and PostgreSQL; what the chain needs derived from the
+records (the head's Merkle frontier, stored Merkle subtrees) is written in the same
+transaction, so it can never disagree with what committed. The usage summary is not: it
+covers the records up to a watermark and is folded up every few thousand records
+(`audit.summary`), off the appends' critical section. Take the head lock last in a
 transaction that also changes other tables (append after your own changes): the lock is held
 until commit, and appenders queue behind it.
 
@@ -14,7 +16,6 @@ Callers without a transaction of their own (the gateway's inference records) use
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
 from collections.abc import Sequence
@@ -23,14 +24,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from audit.canonical import canonical_json, format_time, parse_time, stored_record_hash
 from audit.db import db_errors
 from audit.merkle import Frontier, leaf_hash
-from audit.models import GENESIS_HASH, LedgerHead, LedgerMerkleNode, LedgerRecord, LedgerUsage
+from audit.models import GENESIS_HASH, LedgerHead, LedgerMerkleNode, LedgerRecord
+from audit.summary import fold_due, fold_usage
 
 HEAD_ID = 1
 # Subtrees of 2**8 = 256 records and larger are stored for proofs (see LedgerMerkleNode).
@@ -38,6 +38,9 @@ NODE_MIN_LEVEL = 8
 INFERENCE = "inference"
 CHECKPOINT = "checkpoint"
 DEFAULT_PURPOSE = "general"
+# Tokens and weight of one expert in one request are at most this (2**40, ~1.1e12), so the
+# summary's sums cannot overflow a bigint or a float8 and a fold can never fail on a record.
+MAX_USAGE = 2**40
 _KIND_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 
 
@@ -82,7 +85,6 @@ class Prepared:
     principal: str | None
     payload: dict[str, Any]
     payload_text: str
-    usage: tuple[str, tuple[tuple[str, int, float], ...]] | None  # (purpose, per expert)
 
 
 def prepare(kind: str, principal: str | None, payload: dict[str, Any]) -> Prepared:
@@ -97,8 +99,9 @@ def prepare(kind: str, principal: str | None, payload: dict[str, Any]) -> Prepar
         text = canonical_json(payload).decode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"payload cannot be encoded as canonical JSON: {exc}") from exc
-    usage = inference_usage(payload) if kind == INFERENCE else None
-    return Prepared(kind, principal, payload, text, usage)
+    if kind == INFERENCE:
+        inference_usage(payload)  # the summary's fold reads it back (audit.summary)
+    return Prepared(kind, principal, payload, text)
 
 
 def inference_usage(payload: dict[str, Any]) -> tuple[str, tuple[tuple[str, int, float], ...]]:
@@ -120,17 +123,17 @@ def inference_usage(payload: dict[str, Any]) -> tuple[str, tuple[tuple[str, int,
         if not (
             isinstance(tokens, int)
             and tokens.__class__ is not bool
-            and tokens >= 0
+            and 0 <= tokens <= MAX_USAGE
             and (
                 isinstance(weight, float)
                 or (isinstance(weight, int) and weight.__class__ is not bool)
             )
-            and 0 <= weight < math.inf
+            and 0 <= weight <= MAX_USAGE
             and 0 < len(expert) <= 128
         ):
             raise ValueError(
                 f"inference payload: usage[{expert!r}] must be "
-                "{'tokens': int >= 0, 'weight': finite number >= 0}"
+                f"{{'tokens': int, 'weight': number}}, each between 0 and {MAX_USAGE}"
             )
         rows.append((expert, tokens, float(weight)))
     return purpose, tuple(rows)
@@ -189,7 +192,6 @@ class Batch:
     entries: list[Entry]
     columns: tuple[list[Any], ...]  # seq, id, kind, at, principal, payload, prev_hash, hash
     nodes: list[tuple[int, int, str]]  # stored Merkle subtrees completed by these records
-    usage: dict[tuple[str, str, str, str], list[float]]  # summary increments
     head: tuple[int, str, str, str]  # the new seq, hash, at, frontier
 
 
@@ -207,7 +209,6 @@ def build_batch(state: HeadState, records: Sequence[Prepared]) -> Batch:
     cols: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
     seqs, ids, kinds, ats, principals, payloads, prevs, hashes = cols
     nodes: list[tuple[int, int, str]] = []
-    usage: dict[tuple[str, str, str, str], list[float]] = {}
     for rec in records:
         seq += 1
         rid = str(uuid.uuid4())
@@ -225,18 +226,20 @@ def build_batch(state: HeadState, records: Sequence[Prepared]) -> Batch:
         hashes.append(digest)
         for level, idx, node in frontier.append(leaf_hash(bytes.fromhex(digest)), NODE_MIN_LEVEL):
             nodes.append((level, idx, node.hex()))
-        if rec.usage is not None:
-            _add_usage(usage, at_text[:13], rec.principal or "", *rec.usage)
         prev = digest
-    return Batch(entries, cols, nodes, usage, (seq, prev, at_text, frontier.to_text()))
+    return Batch(entries, cols, nodes, (seq, prev, at_text, frontier.to_text()))
 
 
-async def write_batch(conn: AsyncConnection, batch: Batch) -> None:
-    """Write a batch in the connection's transaction, after the head was locked."""
+async def write_batch(conn: AsyncConnection, batch: Batch, before: int) -> None:
+    """Write a batch in the connection's transaction, after the head was locked at seq
+    `before`; folds the usage summary in the same transaction when the batch crosses a
+    multiple of `FOLD_EVERY`."""
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "asyncpg":
         await conn.exec_driver_sql(PG_WRITE_SQL, pg_write_args(batch))
     else:
         await _write_portable(conn, batch)
+    if fold_due(before, batch.head[0]):
+        await fold_usage(conn)
 
 
 async def append_locked(
@@ -245,8 +248,9 @@ async def append_locked(
     """Append prepared records after `lock_head`; updates `state` and the derived tables."""
     if not records:
         return []
+    before = state.seq
     batch = build_batch(state, records)
-    await write_batch(await session.connection(), batch)
+    await write_batch(await session.connection(), batch, before)
     state.seq, state.hash, state.at = batch.head[0], batch.head[1], batch.head[2]
     return batch.entries
 
@@ -263,40 +267,22 @@ WITH records AS (
 ), nodes AS (
     INSERT INTO ledger_merkle_nodes (level, idx, hash)
     SELECT * FROM unnest($9::smallint[], $10::bigint[], $11::varchar[])
-), usage AS (
-    INSERT INTO ledger_usage (hour, principal, purpose, expert, requests, tokens, weight)
-    SELECT * FROM unnest($12::varchar[], $13::varchar[], $14::varchar[], $15::varchar[],
-                         $16::bigint[], $17::bigint[], $18::float8[])
-    ON CONFLICT (hour, principal, purpose, expert) DO UPDATE SET
-        requests = ledger_usage.requests + excluded.requests,
-        tokens = ledger_usage.tokens + excluded.tokens,
-        weight = ledger_usage.weight + excluded.weight
 )
-UPDATE ledger_head SET seq = $19, hash = $20, at = $21, frontier = $22 WHERE id = 1
+UPDATE ledger_head SET seq = $12, hash = $13, at = $14, frontier = $15 WHERE id = 1
 """
 
 
-# The writer's compare-and-set append (migrations/versions/0001_ledger.py): one round trip.
+# The writer's compare-and-set append (migrations/versions/0101_ledger_pipeline.py): one round
+# trip; $1, $2 are the expected head's seq and hash.
 PG_APPEND_SQL = (
-    "SELECT * FROM flexgate_ledger_append(" + ", ".join(f"${i}" for i in range(1, 24)) + ")"
+    "SELECT * FROM flexgate_ledger_append(" + ", ".join(f"${i}" for i in range(1, 18)) + ")"
 )
 
 
 def pg_write_args(batch: Batch) -> tuple[Any, ...]:
-    """The 22 parameters of PG_WRITE_SQL."""
+    """The 15 parameters of PG_WRITE_SQL."""
     node_cols: list[list[Any]] = [list(c) for c in zip(*batch.nodes, strict=True)] or [[], [], []]
-    usage = batch.usage
-    keys = list(usage)
-    usage_cols: list[list[Any]] = [
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-        [k[2] for k in keys],
-        [k[3] for k in keys],
-        [int(usage[k][0]) for k in keys],
-        [int(usage[k][1]) for k in keys],
-        [float(usage[k][2]) for k in keys],
-    ]
-    return (*batch.columns, *node_cols, *usage_cols, *batch.head)
+    return (*batch.columns, *node_cols, *batch.head)
 
 
 async def _write_portable(conn: AsyncConnection, batch: Batch) -> None:
@@ -311,63 +297,12 @@ async def _write_portable(conn: AsyncConnection, batch: Batch) -> None:
             insert(LedgerMerkleNode),
             [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in batch.nodes],
         )
-    if batch.usage:
-        await _upsert_usage(conn, batch.usage)
     seq, digest, at, frontier = batch.head
     await conn.execute(
         update(LedgerHead)
         .where(LedgerHead.id == HEAD_ID)
         .values(seq=seq, hash=digest, at=at, frontier=frontier)
     )
-
-
-def _add_usage(
-    acc: dict[tuple[str, str, str, str], list[float]],
-    hour: str,
-    principal: str,
-    purpose: str,
-    per_expert: tuple[tuple[str, int, float], ...],
-) -> None:
-    total_tokens, total_weight = 0, 0.0
-    for expert, tokens, weight in per_expert:
-        total_tokens += tokens
-        total_weight += weight
-        if tokens or weight:
-            cell = acc.setdefault((hour, principal, purpose, expert), [0, 0, 0.0])
-            cell[0] += 1
-            cell[1] += tokens
-            cell[2] += weight
-    cell = acc.setdefault((hour, principal, purpose, ""), [0, 0, 0.0])
-    cell[0] += 1
-    cell[1] += total_tokens
-    cell[2] += total_weight
-
-
-async def _upsert_usage(
-    conn: AsyncConnection, acc: dict[tuple[str, str, str, str], list[float]]
-) -> None:
-    rows = [
-        {
-            "hour": hour,
-            "principal": principal,
-            "purpose": purpose,
-            "expert": expert,
-            "requests": int(cell[0]),
-            "tokens": int(cell[1]),
-            "weight": float(cell[2]),
-        }
-        for (hour, principal, purpose, expert), cell in acc.items()
-    ]
-    stmt = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(LedgerUsage)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["hour", "principal", "purpose", "expert"],
-        set_={
-            "requests": LedgerUsage.requests + stmt.excluded.requests,
-            "tokens": LedgerUsage.tokens + stmt.excluded.tokens,
-            "weight": LedgerUsage.weight + stmt.excluded.weight,
-        },
-    )
-    await conn.execute(stmt, rows)
 
 
 @db_errors

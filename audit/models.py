@@ -1,9 +1,11 @@
 """Tables of the audit ledger (created by migrations/, never by create_all).
 
-`ledger_records` is the ledger itself; every other table here is derived from it and kept in
-the same transaction as each append, so that what it says is always true of the committed
-records: the chain head (with the Merkle frontier), stored Merkle subtrees for proofs, signed
-checkpoints, and the usage summary that makes aggregation independent of the ledger's size.
+`ledger_records` is the ledger itself; every other table here is derived from it. The chain
+head (with the Merkle frontier), the stored Merkle subtrees for proofs and the signed
+checkpoints are kept in the same transaction as each append, so that what they say is always
+true of the committed records; the usage summary, which makes aggregation independent of the
+ledger's size, covers the records up to a watermark and is folded up behind the appends
+(`audit.summary`).
 """
 
 from __future__ import annotations
@@ -131,11 +133,13 @@ class LedgerCheckpoint(Base):
 class LedgerUsage(Base):
     """Usage of experts by hour, principal and purpose, summed from `inference` records.
 
-    Kept on append in the same transaction, so aggregating over a million records reads a few
-    hundred summary rows; hours (not days) keep a time bound inside a day cheap, since only
-    the part-hours at the edges are summed from the records themselves. `expert = ""` rows
-    hold the request totals (every expert's tokens and weight together, and each request
-    counted once); `principal = ""` stands for none.
+    Holds the records up to `LedgerUsageMark.seq`, folded in a few thousand at a time
+    (`audit.summary`), so aggregating over a million records reads a few hundred summary rows
+    and a short tail of records; hours (not days) keep a time bound inside a day cheap, since
+    only the part-hours at the edges are summed from the records themselves. `expert = ""`
+    rows hold the request totals (every expert's tokens and weight together, and each request
+    counted once); `principal = ""` stands for none. On PostgreSQL the table has
+    `fillfactor = 30` (migration 0101), so that folds update it in place (HOT) without bloat.
     """
 
     __tablename__ = "ledger_usage"
@@ -147,6 +151,15 @@ class LedgerUsage(Base):
     requests: Mapped[int] = mapped_column(BigInteger)
     tokens: Mapped[int] = mapped_column(BigInteger)
     weight: Mapped[float] = mapped_column(Double)
+
+
+class LedgerUsageMark(Base):
+    """One row: the summary holds the inference records with `seq <= seq` (the watermark)."""
+
+    __tablename__ = "ledger_usage_mark"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger)
 
 
 # The stored payload text, selected without decoding (hashing, export, verification).

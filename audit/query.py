@@ -11,8 +11,9 @@ Expert filters (`expert_mode`): `used` — the expert computed tokens for the re
 (any reason); `any` — allowed, excluded, or a governance record naming it (`payload.expert`),
 which is what a data owner may see about their experts.
 
-Usage aggregation reads the `ledger_usage` summary (kept on append), so it costs the same at a
-thousand records or a billion; bounds inside an hour add a scan of just those part-hours.
+Usage aggregation reads the `ledger_usage` summary and the short tail of records not yet folded
+into it (`audit.summary`), so it costs about the same at a thousand records or a billion;
+bounds inside an hour add a scan of just those part-hours.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from audit.canonical import format_time, parse_time
 from audit.db import db_errors
 from audit.errors import InvalidQuery
-from audit.ledger import INFERENCE, Entry, _add_usage, inference_usage
-from audit.models import PAYLOAD_TEXT, RECORD_COLUMNS, LedgerRecord, LedgerUsage
+from audit.ledger import INFERENCE, Entry, inference_usage
+from audit.models import PAYLOAD_TEXT, RECORD_COLUMNS, LedgerRecord
+from audit.summary import usage_cells
 
 MAX_LIMIT = 1000
 EXPERT_MODES = ("used", "allowed", "excluded", "any")
@@ -378,32 +380,34 @@ async def _summary_usage(
     principal: str | None,
     purpose: str | None,
 ) -> None:
+    """Whole hours: the summary plus the unfolded tail, in one statement (one snapshot)."""
+    cells = usage_cells((await session.connection()).dialect.name)
     key: Any = {
-        "expert": LedgerUsage.expert,
-        "principal": LedgerUsage.principal,
-        "day": func.substr(LedgerUsage.hour, 1, 10),
+        "expert": cells.c.expert,
+        "principal": cells.c.principal,
+        "day": func.substr(cells.c.hour, 1, 10),
     }[by]
     where: list[ColumnElement[bool]] = []
     if experts is not None:
-        where.append(LedgerUsage.expert.in_(list(experts)))
+        where.append(cells.c.expert.in_(list(experts)))
     elif by == "expert":
-        where.append(LedgerUsage.expert != "")
+        where.append(cells.c.expert != "")
     else:
-        where.append(LedgerUsage.expert == "")
+        where.append(cells.c.expert == "")
     if start is not None:
-        where.append(LedgerUsage.hour >= format_time(start)[:13])
+        where.append(cells.c.hour >= format_time(start)[:13])
     if end is not None:
-        where.append(LedgerUsage.hour < format_time(end)[:13])
+        where.append(cells.c.hour < format_time(end)[:13])
     if principal is not None:
-        where.append(LedgerUsage.principal == principal)
+        where.append(cells.c.principal == principal)
     if purpose is not None:
-        where.append(LedgerUsage.purpose == purpose)
+        where.append(cells.c.purpose == purpose)
     stmt = (
         select(
             key,
-            func.sum(LedgerUsage.requests),
-            func.sum(LedgerUsage.tokens),
-            func.sum(LedgerUsage.weight),
+            func.sum(cells.c.requests),
+            func.sum(cells.c.tokens),
+            func.sum(cells.c.weight),
         )
         .where(*where)
         .group_by(key)
@@ -446,6 +450,30 @@ async def _scan_usage(
         cell[0] += requests
         cell[1] += tokens
         cell[2] += weight
+
+
+def _add_usage(
+    acc: dict[tuple[str, str, str, str], list[float]],
+    hour: str,
+    principal: str,
+    purpose: str,
+    per_expert: tuple[tuple[str, int, float], ...],
+) -> None:
+    """Add one request's usage to (hour, principal, purpose, expert) cells, as the summary
+    counts it: per expert when its tokens or weight are non-zero, and the totals (`""`)."""
+    total_tokens, total_weight = 0, 0.0
+    for expert, tokens, weight in per_expert:
+        total_tokens += tokens
+        total_weight += weight
+        if tokens or weight:
+            cell = acc.setdefault((hour, principal, purpose, expert), [0, 0, 0.0])
+            cell[0] += 1
+            cell[1] += tokens
+            cell[2] += weight
+    cell = acc.setdefault((hour, principal, purpose, ""), [0, 0, 0.0])
+    cell[0] += 1
+    cell[1] += total_tokens
+    cell[2] += total_weight
 
 
 async def _inference_between(

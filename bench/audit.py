@@ -235,7 +235,11 @@ async def main() -> None:
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument(
-        "--only", choices=["all", "verify"], default="all", help="verify: load and verify only"
+        "--only",
+        choices=("all", "appends", "chain32", "ledger", "verify"),
+        default="all",
+        help="appends: the appends table only; chain32: the chain at 32 appenders only; "
+        "ledger: load, verify and usage only; verify: load and verify only",
     )
     parser.add_argument(
         "--verify-workers",
@@ -256,13 +260,23 @@ async def main() -> None:
         folder = Path(tmp)
         for backend in args.backends.split(","):
             r: dict[str, Any] = {}
-            for concurrency in (1, 32) if args.only == "all" else ():
+            for concurrency in (1, 32) if args.only in ("all", "appends", "chain32") else ():
+                if args.only == "chain32" and concurrency == 1:
+                    continue
                 n = args.appends if concurrency > 1 else max(args.appends // 10, 500)
                 url = await fresh_database(backend, args.pg_admin_url, folder)
                 r[f"chain{concurrency}"] = await bench_chain(url, rows[:n], concurrency)
-                url = await fresh_database(backend, args.pg_admin_url, folder)
-                r[f"plain{concurrency}"] = await bench_plain(url, rows[:n], concurrency)
+                if args.only != "chain32":
+                    url = await fresh_database(backend, args.pg_admin_url, folder)
+                    r[f"plain{concurrency}"] = await bench_plain(url, rows[:n], concurrency)
                 print(backend, concurrency, r, flush=True)
+            if args.only in ("appends", "chain32"):
+                results[backend] = r
+                if backend == "postgresql":
+                    await _pg_admin(
+                        args.pg_admin_url, f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)"
+                    )
+                continue
             url = await fresh_database(backend, args.pg_admin_url, folder)
             home = folder / f"home-{backend}"
             r["load"] = await load(url, rows, args.records, home)
@@ -271,7 +285,7 @@ async def main() -> None:
             )
             r["verified"] = args.records + 1  # and the checkpoint record
             r["verify"] = max(r["verify_modes"][verify_workers[-1]])
-            if args.only == "all":
+            if args.only in ("all", "ledger"):
                 r.update(await bench_usage(url))
             print(backend, r, flush=True)
             results[backend] = r
@@ -281,12 +295,12 @@ async def main() -> None:
     print("| backend | records | verify workers | verify best (records/s) | median | runs |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for backend, r in results.items():
-        for w, rates in r["verify_modes"].items():
+        for w, rates in r.get("verify_modes", {}).items():
             print(
                 f"| {backend} | {r['verified']:,} | {w} | {max(rates):,.0f} "
                 f"| {statistics.median(rates):,.0f} | {', '.join(f'{x:,.0f}' for x in rates)} |"
             )
-    if args.only != "all":
+    if args.only == "verify":
         return
     print()
     print(
@@ -296,6 +310,8 @@ async def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     for backend, r in results.items():
         for c in (1, 32):
+            if f"plain{c}" not in r:
+                continue
             chain, plain = r[f"chain{c}"], r[f"plain{c}"]
             print(f"| {backend} | {c} | {chain:,.0f} | {plain:,.0f} | {plain / chain:.2f}x |")
     print()
@@ -305,6 +321,8 @@ async def main() -> None:
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for backend, r in results.items():
+        if "verified" not in r:
+            continue
         print(
             f"| {backend} | {r['verified']:,} | {r['load']:,.0f} | {r['verify']:,.0f} "
             f"| {r['expert']:.1f} / {r['principal']:.1f} / {r['day']:.1f} | {r['summary_rows']:,} |"

@@ -9,12 +9,17 @@ import signal
 import sys
 from asyncio.subprocess import Process
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.db import make_sessionmaker
-from audit.models import LedgerRecord, LedgerUsage
+from audit.errors import DatabaseUnavailable
+from audit.ledger import append
+from audit.models import LedgerRecord, LedgerUsage, LedgerUsageMark
+from audit.query import usage
 from audit.verify import verify
 from audit.writer import LedgerWriter
 
@@ -53,13 +58,14 @@ async def _check_chain(engine: AsyncEngine, expected: int) -> None:
 async def test_many_coroutines_share_transactions(db_engine: AsyncEngine) -> None:
     batches: list[int] = []
     async with LedgerWriter(db_engine) as writer:
-        original = writer._commit
+        original = writer._take
 
-        async def counting(batch):  # type: ignore[no-untyped-def]
+        def counting(first, limit=None):  # type: ignore[no-untyped-def]
+            batch, stopping = original(first, limit)
             batches.append(len(batch))
-            return await original(batch)
+            return batch, stopping
 
-        writer._commit = counting  # type: ignore[method-assign]
+        writer._take = counting  # type: ignore[method-assign]
 
         async def appender(k: int) -> list[int]:
             return [
@@ -87,7 +93,12 @@ async def test_eight_processes_one_chain(db_url: str, db_engine: AsyncEngine) ->
         requests = await session.scalar(
             select(func.sum(LedgerUsage.requests)).where(LedgerUsage.expert == "")
         )
-    assert requests == 4000  # the usage summary stayed exact under concurrency
+        mark = await session.scalar(select(LedgerUsageMark.seq))
+        by_principal = await usage(session, by="principal")
+    # Eight writers folding beside each other's appends: every record counted exactly once,
+    # and all of them folded in by the time the writers closed.
+    assert (requests, mark) == (4000, 4000)
+    assert sum(r.requests for r in by_principal) == 4000
 
 
 async def test_sigkill_loses_nothing_acknowledged(db_url: str, db_engine: AsyncEngine) -> None:
@@ -121,3 +132,92 @@ async def test_sigkill_loses_nothing_acknowledged(db_url: str, db_engine: AsyncE
     _, err = await asyncio.wait_for(restart.communicate(), 120)
     assert restart.returncode == 0, err.decode()
     await _check_chain(db_engine, len(stored) + 50)
+
+
+async def _in_flight(engine: AsyncEngine, count: int) -> list[int]:
+    """Backend pids of the writer's append calls waiting on the head lock, oldest first,
+    once there are `count` of them."""
+    for _ in range(200):
+        async with engine.connect() as conn:
+            pids = (
+                await conn.execute(
+                    text(
+                        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE '%flexgate_ledger_append%' ORDER BY query_start"
+                    )
+                )
+            ).scalars()
+            found = list(pids)
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"expected {count} batches in flight, saw {len(found)}")
+
+
+async def _two_flights(writer: LedgerWriter, engine: AsyncEngine) -> tuple[Any, list[Any], int]:
+    """One append alone in a first batch, then ten in a second chained onto it; both sent
+    and waiting on the head lock. Returns the tasks and the first batch's backend pid."""
+    first = asyncio.create_task(writer.append(kind="test", principal="a", payload={"n": 0}))
+    (pid,) = await _in_flight(engine, 1)
+    rest = [
+        asyncio.create_task(writer.append(kind="test", principal="b", payload={"n": i}))
+        for i in range(1, 11)
+    ]
+    await _in_flight(engine, 2)
+    return first, rest, pid
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_pipeline_never_forks_after_a_lost_race(db_engine: AsyncEngine) -> None:
+    """Two batches in flight, and another appender commits one record first: the first batch
+    lost its race, and the second, chained onto it, expects the head at seq 1 — which it is,
+    with another hash. It must not commit (that would fork the chain); both are re-chained."""
+    sm = make_sessionmaker(db_engine)
+    async with LedgerWriter(db_engine) as writer:
+        async with sm.begin() as s:  # holds the head lock until the block ends
+            other = await append(s, kind="test", principal="other", payload={})
+            first, rest, _pid = await _two_flights(writer, db_engine)
+        entries = [await first] + [await t for t in rest]
+    assert other.seq == 1
+    assert [e.seq for e in entries] == list(range(2, 13))
+    assert entries[0].prev_hash == other.hash
+    await _check_chain(db_engine, 12)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_pipeline_failed_batch_fails_alone(db_engine: AsyncEngine) -> None:
+    """The first of two batches in flight fails (its connection is killed): its caller gets
+    the error and its record does not exist; the second, chained onto it, is re-chained onto
+    the real head and commits."""
+    sm = make_sessionmaker(db_engine)
+    async with LedgerWriter(db_engine) as writer:
+        async with sm.begin() as s:  # holds the head lock, then lets go without a change
+            await s.execute(text("SELECT seq FROM ledger_head WHERE id = 1 FOR UPDATE"))
+            first, rest, pid = await _two_flights(writer, db_engine)
+            await s.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            with pytest.raises(DatabaseUnavailable):
+                await first
+        entries = [await t for t in rest]
+        after = await writer.append(kind="test", principal="c", payload={})
+    assert [e.seq for e in entries] == list(range(1, 11))
+    assert entries[0].payload == {"n": 1}
+    assert after.seq == 11
+    await _check_chain(db_engine, 11)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_cancelled_writer_fails_the_batches_in_flight(db_engine: AsyncEngine) -> None:
+    sm = make_sessionmaker(db_engine)
+    writer = LedgerWriter(db_engine)
+    await writer.start()
+    try:
+        async with sm.begin() as s:  # holds the head lock
+            await s.execute(text("SELECT seq FROM ledger_head WHERE id = 1 FOR UPDATE"))
+            first, rest, _pid = await _two_flights(writer, db_engine)
+            assert writer._task is not None
+            writer._task.cancel()
+            for task in [first, *rest]:
+                with pytest.raises(RuntimeError, match="stopped"):
+                    await task
+    finally:
+        await writer.close()

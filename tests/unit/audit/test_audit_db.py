@@ -117,3 +117,36 @@ async def test_unreachable_database_is_a_typed_error(url: str) -> None:
         await writer.close()
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("empty_db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_downgrade_past_the_watermark_folds_the_tail(empty_db_url: str) -> None:
+    """Before 0101 the summary held every record: going back folds the unfolded tail in."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    from audit.db import downgrade, upgrade
+
+    await asyncio.to_thread(upgrade, empty_db_url)
+    engine = make_engine(empty_db_url)
+    try:
+        sm = make_sessionmaker(engine)
+        async with sm.begin() as s:
+            for i in range(5):
+                payload = {"usage": {"e": {"tokens": i + 1, "weight": 0.5}}}
+                await append(s, kind="inference", principal="p", payload=payload)
+        await asyncio.to_thread(downgrade, empty_db_url, "0100_governance")
+        async with engine.connect() as conn:
+            totals = (
+                await conn.execute(
+                    text("SELECT requests, tokens FROM ledger_usage WHERE expert = ''")
+                )
+            ).all()
+        assert [tuple(r) for r in totals] == [(5, 15)]
+        await asyncio.to_thread(upgrade, empty_db_url)
+        async with engine.connect() as conn:
+            mark = await conn.scalar(text("SELECT seq FROM ledger_usage_mark"))
+        assert mark == 5
+    finally:
+        await engine.dispose()

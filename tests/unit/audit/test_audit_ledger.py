@@ -14,7 +14,7 @@ import pytest
 from audit_helpers import fill
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from audit import merkle
@@ -26,12 +26,14 @@ from audit.checkpoints import (
     list_checkpoints,
     maybe_checkpoint,
 )
+from audit.db import make_sessionmaker
 from audit.errors import AuditError, InvalidQuery, SigningKeyError
 from audit.inference import inference_payload, prompt_sha256
 from audit.ledger import NewRecord, append, append_many
-from audit.models import LedgerMerkleNode, LedgerRecord
-from audit.query import usage
+from audit.models import LedgerMerkleNode, LedgerRecord, LedgerUsage
+from audit.query import _add_usage, usage
 from audit.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, Signer, trusted_public_keys
+from audit.summary import fold_usage
 from audit.writer import LedgerWriter
 
 JSON_VALUES = st.recursive(
@@ -98,6 +100,10 @@ async def test_in_transaction_append_and_head(sm: async_sessionmaker[AsyncSessio
         ("inference", "p", {"usage": {"e": {"tokens": -1, "weight": 0}}}),
         ("inference", "p", {"usage": {"e": {"tokens": 1, "weight": float("inf")}}}),
         ("inference", "p", {"usage": "lots"}),
+        ("inference", "p", {"usage": {"e": {"tokens": 2**40 + 1, "weight": 0}}}),
+        ("inference", "p", {"usage": {"e": {"tokens": 1, "weight": 1e300}}}),
+        ("inference", "p", {"usage": {"": {"tokens": 1, "weight": 1}}}),
+        ("inference", "p", {"purpose": None}),
     ],
 )
 async def test_bad_records_write_nothing(
@@ -227,6 +233,116 @@ async def test_usage_with_bounds_inside_days(db_engine: AsyncEngine, sm: Any) ->
         total = sum(r.requests for r in [*first, *second] if r.key == key)
         assert total == next(r.requests for r in whole if r.key == key)
     assert [r.key for r in scoped] == ["code"]
+
+
+def _odd_records(n: int) -> list[NewRecord]:
+    """Inference records the summary must read as the Python reading does: no purpose, no
+    usage, integer weights, weight without tokens, no principal; and non-inference ones."""
+    out = []
+    for i in range(n):
+        payload: dict[str, Any] = {
+            "purpose": ["general", "research", "x.y-z"][i % 3],
+            "usage": {
+                "public": {"tokens": i, "weight": 0.5 * i},
+                "code": {"tokens": 0, "weight": 3 if i % 4 == 0 else 0},  # int weight
+                'ex"pert': {"tokens": 2**40, "weight": 0.1},  # quoting, the largest
+            },
+        }
+        if i % 5 == 0:
+            del payload["purpose"]
+        if i % 7 == 0:
+            payload["usage"] = {}
+        if i % 11 == 0:
+            del payload["usage"]
+        principal = None if i % 6 == 0 else f"app-{i % 4}"
+        kind = "license.granted" if i % 9 == 8 else "inference"
+        out.append(NewRecord(kind, principal, payload))
+    return out
+
+
+async def _expected_usage(s: AsyncSession, by: str) -> dict[Any, tuple[int, int, float]]:
+    """usage(by=...) recomputed from every record through the Python reading."""
+    from audit.ledger import inference_usage
+
+    cells: dict[tuple[str, str, str, str], list[float]] = {}
+    rows = (
+        await s.execute(
+            select(LedgerRecord.at, LedgerRecord.principal, LedgerRecord.payload).where(
+                LedgerRecord.kind == "inference"
+            )
+        )
+    ).all()
+    for at, principal, payload in rows:
+        purpose, per_expert = inference_usage(payload)
+        _add_usage(cells, at[:13], principal or "", purpose, per_expert)
+    out: dict[Any, list[float]] = {}
+    for (hour, principal, _purpose, expert), (requests, tokens, weight) in cells.items():
+        if (by == "expert") != (expert != ""):
+            continue
+        key = {"expert": expert, "principal": principal or None, "day": hour[:10]}[by]
+        cell = out.setdefault(key, [0, 0, 0.0])
+        cell[0] += requests
+        cell[1] += tokens
+        cell[2] += weight
+    return {k: (int(v[0]), int(v[1]), v[2]) for k, v in out.items()}
+
+
+async def _assert_usage_exact(sm: Any) -> None:
+    async with sm() as s:
+        for by in ("expert", "principal", "day"):
+            got = {r.key: (r.requests, r.tokens, r.weight) for r in await usage(s, by=by)}
+            want = await _expected_usage(s, by)
+            assert got.keys() == want.keys()
+            for key, (requests, tokens, weight) in want.items():
+                assert got[key][:2] == (requests, tokens), (by, key)
+                assert got[key][2] == pytest.approx(weight, rel=1e-12), (by, key)
+
+
+async def _mark(sm: Any) -> int:
+    async with sm() as s:
+        return int(await s.scalar(text("SELECT seq FROM ledger_usage_mark WHERE id = 1")))
+
+
+async def test_usage_is_exact_folded_unfolded_and_partly_folded(sm: Any) -> None:
+    async with sm.begin() as s:
+        await append_many(s, _odd_records(40))
+    assert await _mark(sm) == 0  # nothing folded: all of it comes from the tail
+    await _assert_usage_exact(sm)
+    async with sm.begin() as s:
+        assert await fold_usage(await s.connection()) == 40
+        assert await fold_usage(await s.connection()) == 40  # idempotent
+    async with sm() as s:
+        assert await s.scalar(select(func.count()).select_from(LedgerUsage)) > 0
+    await _assert_usage_exact(sm)
+    async with sm.begin() as s:
+        await append_many(s, _odd_records(25))
+    assert await _mark(sm) == 40
+    await _assert_usage_exact(sm)  # summary up to 40 and a tail of 25
+    with pytest.raises(RuntimeError):  # a fold rolled back leaves the summary as it was
+        async with sm.begin() as s:
+            await fold_usage(await s.connection())
+            raise RuntimeError("caller's change failed")
+    assert await _mark(sm) == 40
+    await _assert_usage_exact(sm)
+
+
+async def test_appenders_fold_as_they_cross_the_mark(
+    db_engine: AsyncEngine, sm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import audit.summary
+
+    monkeypatch.setattr(audit.summary, "FOLD_EVERY", 16)
+    async with sm.begin() as s:  # in a caller's transaction: folds in it
+        await append_many(s, _odd_records(20))
+    assert await _mark(sm) == 20
+    async with LedgerWriter(db_engine) as writer:  # the writer: in the background
+        payloads = [r.payload for r in _odd_records(50)]
+        await asyncio.gather(
+            *(writer.append(kind="inference", principal="w", payload=p) for p in payloads)
+        )
+        await _assert_usage_exact(sm)
+    assert await _mark(sm) == 70  # and once more on close
+    await _assert_usage_exact(sm)
 
 
 # --- signing keys ---
@@ -368,3 +484,42 @@ async def test_writer_follows_a_head_moved_by_others(
         from audit.verify import verify
 
         assert (await verify(s, public_keys={})).ok
+
+
+AWKWARD = ['a"b', "back\\slash", "{br,aces}", "NULL", "null", " sp ace ", "ünï\u2028code", '\\"']
+
+
+async def test_awkward_text_is_stored_exactly(db_engine: AsyncEngine, sm: Any) -> None:
+    """Principals, kinds and payloads with quotes, backslashes, braces, commas, NULL and
+    spaces survive both append paths byte for byte (the chain verifies)."""
+    from audit.verify import verify
+
+    records = [NewRecord("null", p, {"text": p, "nested": {p: [p, None]}}) for p in AWKWARD]
+    async with sm.begin() as s:
+        written = await append_many(s, records)
+    async with LedgerWriter(db_engine) as writer:
+        written += await asyncio.gather(
+            *(writer.append(kind=r.kind, principal=r.principal, payload=r.payload) for r in records)
+        )
+    async with sm() as s:
+        stored = (await s.execute(select(LedgerRecord).order_by(LedgerRecord.seq))).scalars().all()
+        report = await verify(s, public_keys={})
+    assert report.ok, report
+    assert [(r.kind, r.principal, r.payload) for r in stored] == [
+        (e.kind, e.principal, e.payload) for e in written
+    ]
+    assert [r.principal for r in stored] == AWKWARD * 2
+
+
+async def test_cancelled_caller_does_not_withdraw_its_record(db_engine: AsyncEngine) -> None:
+    async with LedgerWriter(db_engine) as writer:
+        waiting = asyncio.create_task(writer.append(kind="ok", principal="p", payload={"i": 1}))
+        await asyncio.sleep(0)  # queued
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        after = await writer.append(kind="ok", principal="p", payload={"i": 2})
+    assert after.seq == 2  # the cancelled caller's record was still written, first
+    async with make_sessionmaker(db_engine)() as s:
+        payloads = await s.scalars(select(LedgerRecord.payload).order_by(LedgerRecord.seq))
+        assert payloads.all() == [{"i": 1}, {"i": 2}]
