@@ -443,13 +443,8 @@ class LedgerWriter:
 
     async def _drop_connections(self) -> None:
         """After an error: the next batch starts on fresh connections."""
-        conns = [c for c in (self._conn, *self._slots.values()) if c is not None]
-        self._conn = None
-        self._slots.clear()
-        for conn in conns:
-            with contextlib.suppress(Exception):
-                await conn.invalidate()
-                await conn.close()
+        for slot in (0, *list(self._slots)):
+            await self._drop_slot(slot)
 
     async def _write_asyncpg(self, conn: AsyncConnection, records: list[Prepared]) -> list[Entry]:
         """PostgreSQL: one round trip per batch in the common case (see APPEND_FUNCTION in
