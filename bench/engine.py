@@ -87,28 +87,39 @@ HALF = ("public", "owner-1", "owner-2", "owner-3")
 ONE = ("public",)
 
 
-def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
-    """Best fp32 matrix-multiply throughput of this machine (GFLOP/s)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
+    """Best fp32 matrix-multiply throughput of ``device`` (GFLOP/s)."""
+    n = n if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(reps):
+        sync(device)
         t = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
 
-def copy_gbs(mib: int = 256, reps: int = 5) -> float:
+def copy_gbs(device: torch.device, mib: int = 256, reps: int = 5) -> float:
     """Best memory bandwidth of a large tensor copy (GB/s, bytes read + written)."""
-    a = torch.ones(mib * 2**18)
+    mib = mib if device.type == "cpu" else 4096
+    a = torch.ones(mib * 2**18, device=device)
     b = torch.empty_like(a)
     b.copy_(a)
     best = float("inf")
     for _ in range(reps):
+        sync(device)
         t = time.perf_counter()
         b.copy_(a)
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * a.numel() * 4 / best / 1e9
 
@@ -209,15 +220,15 @@ def run_concurrent(sched: Scheduler, prompts: list[list[int]], params: SamplingP
 
 
 def bench_size(
-    name: str, rounds: int, tokens: int, prompt_len: int, workdir: Path
+    name: str, rounds: int, tokens: int, prompt_len: int, workdir: Path, device: torch.device
 ) -> dict[str, Any]:
     from transformers import FlexOlmoForCausalLM
 
     overrides = SIZES[name]
     path = build_tiny_checkpoint(workdir / name, EXPERTS, seed=0, **overrides)
-    eng: Engine = load_engine(path)
+    eng: Engine = load_engine(path, device_map="cpu" if device.type == "cpu" else str(device))
     cfg = eng.model.config
-    ref = FlexOlmoForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = FlexOlmoForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = cfg.pad_token_id
     params_m = sum(p.numel() for p in eng.model.parameters()) / 1e6
@@ -233,7 +244,9 @@ def bench_size(
 
     def hf() -> None:
         with torch.inference_mode():
-            out = ref.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False)
+            out = ref.generate(
+                torch.tensor([prompt], device=device), max_new_tokens=tokens, do_sample=False
+            )
         assert out.shape[1] == prompt_len + tokens
 
     def engine(sched: Scheduler, allowed: Any = None) -> Callable[[], None]:
@@ -271,7 +284,9 @@ def bench_size(
     }
     # warm-up (first calls allocate, and check the engine equals transformers greedily)
     with torch.inference_mode():
-        ref_out = ref.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False)
+        ref_out = ref.generate(
+            torch.tensor([prompt], device=device), max_new_tokens=tokens, do_sample=False
+        )
     same = list(on.generate(prompt, params).token_ids) == ref_out[0, prompt_len:].tolist()
     run_concurrent(on, prompts8, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     run_concurrent(off, prompts8, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
@@ -323,7 +338,12 @@ def verdict(ok: bool) -> str:
 
 
 def report(
-    results: list[dict[str, Any]], gflops: float, gbs: float, command: str, rounds: int
+    results: list[dict[str, Any]],
+    gflops: float,
+    gbs: float,
+    command: str,
+    rounds: int,
+    device: torch.device,
 ) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -333,16 +353,28 @@ def report(
                 break
     except OSError:
         pass
+    if device.type == "cuda":
+        title = f"{torch.cuda.get_device_name(device)} GPU"
+        machine = (
+            f"{torch.cuda.get_device_name(device)} ({device}), host {cpu}, torch "
+            f"{torch.__version__}; float32 (TF32 off, torch's default)"
+        )
+        sizes = "8192x8192 fp32 on the GPU", "4 GiB"
+    else:
+        title = f"{torch.get_num_threads()} threads"
+        machine = (
+            f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), no GPU; float32"
+        )
+        sizes = "2048x2048 fp32", "256 MiB"
     lines = [
-        f"## Engine generation (bench/engine.py, {torch.get_num_threads()} threads)",
+        f"## Engine generation (bench/engine.py, {title})",
         "",
         f"- Command: `{command}`",
-        f"- Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), no GPU; float32. Shared with other jobs while it"
-        " ran, so configurations are interleaved round by round and the best of"
+        f"- Machine: {machine}. Configurations are interleaved round by round and the best of"
         f" {rounds} rounds is reported (interference only adds time); medians follow each table.",
-        f"- Measured matmul throughput (2048x2048 fp32): {gflops:.0f} GFLOP/s; memory copy "
-        f"bandwidth (256 MiB): {gbs:.1f} GB/s.",
+        f"- Measured matmul throughput ({sizes[0]}): {gflops:.0f} GFLOP/s; memory copy "
+        f"bandwidth ({sizes[1]}): {gbs:.1f} GB/s.",
         "",
     ]
     for r in results:
@@ -433,23 +465,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
     ap.add_argument("--write", type=Path, default=None, help="update this markdown file")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--device", default="cpu", help="'cpu' (default) or a GPU ('cuda:0')")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     command = "PYTHONPATH=. python bench/engine.py " + " ".join(argv or sys.argv[1:])
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(device)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sizes.split(","):
             print(f"benchmarking {name} ...", file=sys.stderr)
-            results.append(bench_size(name, args.rounds, args.tokens, args.prompt, Path(tmp)))
-    gflops = max(gflops, matmul_gflops())
-    gbs = copy_gbs()
-    text = report(results, gflops, gbs, command.strip(), args.rounds)
+            results.append(
+                bench_size(name, args.rounds, args.tokens, args.prompt, Path(tmp), device)
+            )
+    gflops = max(gflops, matmul_gflops(device))
+    gbs = copy_gbs(device)
+    text = report(results, gflops, gbs, command.strip(), args.rounds, device)
     print(text)
     if args.write is not None:
-        write_section(args.write, text, f"threads={torch.get_num_threads()}")
+        label = f"threads={torch.get_num_threads()}" if device.type == "cpu" else "gpu"
+        write_section(args.write, text, label)
     return 0
 
 

@@ -13,7 +13,11 @@ device) and measures prefill and decode throughput:
   the rest are offloaded to CPU RAM and streamed per call;
 - ``disk-offload``: 3 experts per layer on disk (read from the checkpoint's safetensors);
 - each offloaded placement also runs with only the GPU-resident experts allowed: excluded
-  offloaded experts are never loaded, so it should run at GPU speed.
+  offloaded experts are never loaded, so it should run at GPU speed;
+- in every placement one GPU-resident expert and one offloaded expert (where there is one) are
+  withdrawn (``unload_expert``) and loaded back while the engine runs: without them the
+  logits of the other experts are unchanged, a request that allows them is refused, and once
+  loaded back the logits equal the reference again; GPU memory must fall on withdrawal.
 
 Record the printed table in docs/benchmarks.md with the machine and the command.
 """
@@ -35,7 +39,7 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import Engine, load_engine
+from engine import Engine, ExpertSetError, load_engine
 from engine.checkpoints import build_tiny_checkpoint
 from engine.placement import expert_unit, placement_units
 from engine.routing import RoutingControl
@@ -113,6 +117,42 @@ def resident_experts(eng: Engine, on_gpu: bool) -> tuple[str, ...]:
     )
 
 
+def gpu_bytes() -> int:
+    return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
+
+
+def check_withdrawal(
+    eng: Engine, name: str, reference: dict[Any, torch.Tensor], tol: float, on_gpu: bool
+) -> list[str]:
+    """Withdraw and reload experts while the engine runs; returns what was checked."""
+    ids = eng.expert_ids
+    resident = set(resident_experts(eng, on_gpu))
+    offloaded = [e for e in ids if e not in resident]
+    kept = ids[:2]  # the reference's restricted set: never withdrawn here
+    picks = [e for e in ids[::-1] if e in resident and e not in kept][:1] + offloaded[-1:]
+    done = []
+    for eid in picks:
+        before = gpu_bytes() if on_gpu else 0
+        eng.unload_expert(eid)
+        freed = before - gpu_bytes() if on_gpu else 0
+        if on_gpu and eid in resident:
+            assert freed > 0, f"{name}: withdrawing GPU-resident {eid} freed no GPU memory"
+        diff = (logits_of(eng, kept) - reference[kept]).abs().max().item()
+        assert diff <= tol, f"{name}: without {eid} the logits of {kept} moved by {diff}"
+        try:
+            logits_of(eng, ids)
+        except ExpertSetError:
+            pass
+        else:
+            raise AssertionError(f"{name}: a request allowing withdrawn {eid} was not refused")
+        eng.load_expert(eid)
+        diff = (logits_of(eng, None) - reference[None]).abs().max().item()
+        assert diff <= tol, f"{name}: after reloading {eid} the logits differ by {diff}"
+        where = "resident" if eid in resident else "offloaded"
+        done.append(f"{eid} ({where}, {freed / 2**20:.1f} MiB GPU freed)" if on_gpu else eid)
+    return done
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,6 +198,15 @@ def main() -> int:
     expert_layer = sizes[expert_unit(0, 0)]
     params = sum(p.numel() for p in ref_eng.model.parameters())
     reference = {a: logits_of(ref_eng, a) for a in (None, ids[:2])}
+    if gpus:  # the GPU reference against the same checkpoint on the CPU
+        cpu_eng = load_engine(model_dir, device_map="cpu", dtype=args.dtype)
+        cpu_diff = max(
+            (logits_of(cpu_eng, a) - expected).abs().max().item()
+            for a, expected in reference.items()
+        )
+        del cpu_eng
+        print(f"GPU vs CPU logits: max abs difference {cpu_diff:.2e} ({args.dtype})", flush=True)
+        assert args.dtype != "float32" or cpu_diff <= tol, f"GPU and CPU differ by {cpu_diff}"
 
     placements: list[tuple[str, dict[str, Any]]] = [("single", {"device_map": single})]
     if gpus > 1:
@@ -183,6 +232,8 @@ def main() -> int:
         if name == "auto-all-gpus":
             used = {d for d in eng.device_map.values() if isinstance(d, int)}
             assert len(used) > 1, f"auto placed everything on {used}"
+        withdrawn = check_withdrawal(eng, name, reference, tol, gpus > 0)
+        print(f"{name:15} withdrawn and reloaded: {', '.join(withdrawn)}", flush=True)
         resident = resident_experts(eng, gpus > 0)
         for label, allowed in (("all", None), ("resident only", resident or None)):
             if label == "resident only" and (not resident or len(resident) == len(ids)):
@@ -191,6 +242,7 @@ def main() -> int:
                 "placement": name,
                 "allowed": label,
                 "devices": devices,
+                "withdrawn": withdrawn,
                 **measure(eng, allowed, args),
             }
             results.append(row)
