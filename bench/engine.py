@@ -1,7 +1,7 @@
 """Engine generation benchmark (a script, not a test): tokens/s reported as ratios.
 
     PYTHONPATH=. python bench/engine.py [--sizes medium,tiny] [--rounds 5] \\
-        [--write docs/benchmarks.md]
+        [--device cpu|cuda:0] [--write docs/benchmarks.md]
 
 For each model size it builds a random FlexOlmo checkpoint (8 experts, top-2) and measures, in
 one run, interleaving the configurations round by round and taking medians:
