@@ -11,6 +11,9 @@ the batch at once, freeing its slot for the next waiting request.
 Events reach asyncio callers through ``loop.call_soon_threadsafe`` and synchronous callers
 through a thread-safe queue, so the scheduler never blocks on a caller and an event loop never
 blocks on the model.
+
+An idle scheduler holds no thread: the thread ends once nothing has arrived for
+``IDLE_EXIT_S`` and the next submission starts a new one (see there for why).
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ ADMISSION_WINDOW_S = 0.002
 """When an idle scheduler wakes for a request, it waits this long (at most; less once the batch
 is full) for more before prefilling, so that a burst of submissions is prefilled and decoded as
 one batch rather than the first request alone and the rest one step later."""
+
+
+IDLE_EXIT_S = 0.05
+"""An idle scheduler thread ends after this long without a request. On the CPU, torch runs its
+operators on OpenMP (libgomp), which gives every thread that has run a parallel operator a
+team of worker threads of its own, kept until that thread ends. Once the threads of all
+teams outnumber the CPUs, libgomp stops spin-waiting between parallel regions and puts its
+workers to sleep after each, so every small operator pays a futex wake-up: on a 2-CPU machine
+a decoding step of the tiny benchmark model ran 1.7x slower, and 8 concurrent requests 5x
+slower, merely because a second, idle scheduler thread had run once. A thread that ends frees
+its team, so schedulers that are not working (several engines in a process, a benchmark's
+second scheduler) do not slow the one that is. Starting a thread again costs ~0.1 ms, next to
+the ``ADMISSION_WINDOW_S`` every request after an idle spell waits anyway."""
 
 
 class GenerationError(EngineError, RuntimeError):
@@ -206,6 +222,10 @@ class GenerationStream:
 
 class _Closed(Exception):
     pass
+
+
+class _Idle(Exception):
+    """The scheduler thread has handed over (``Scheduler._thread`` is None) and ends."""
 
 
 _CLOSE = object()
@@ -374,37 +394,50 @@ class Scheduler:
 
     def _run(self) -> None:
         with torch.inference_mode():
-            batch = DecodeBatch(self.backend, track_usage=self.track_usage)
-            self._batch = batch
+            batch = self._batch  # kept between threads: its buffers are reused
+            if batch is None:
+                batch = self._batch = DecodeBatch(self.backend, track_usage=self.track_usage)
             try:
                 while True:
                     try:
                         self._iterate(batch)
-                    except _Closed:
+                    except (_Closed, _Idle):
                         raise
                     except Exception as exc:  # outside the model: fail what is in flight, go on
                         self._fail([*self._waiting, *batch.clear()], exc)
                         self._waiting.clear()
+            except _Idle:
+                # Nothing was queued or running, and what arrives from now on belongs to the
+                # next thread: touch nothing on the way out.
+                return
             except _Closed:
-                pass
-            finally:
-                for seq in [*self._waiting, *batch.clear()]:
-                    self._finish(seq, "cancelled")
-                self._waiting.clear()
-                while True:
-                    try:
-                        item = self._inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(item, RunningSequence):
-                        self._finish(item, "cancelled")
+                self._cancel_all(batch)
+            except BaseException:
+                self._cancel_all(batch)
+                with self._lock:  # this thread dies: let the next submission start one
+                    if self._thread is threading.current_thread():
+                        self._thread = None
+                raise
+
+    def _cancel_all(self, batch: DecodeBatch) -> None:
+        """Cancel what is waiting, running or still queued (the thread is ending)."""
+        for seq in [*self._waiting, *batch.clear()]:
+            self._finish(seq, "cancelled")
+        self._waiting.clear()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, RunningSequence):
+                self._finish(item, "cancelled")
 
     def _take(self, block: bool) -> None:
         deadline: float | None = None
         while True:
             try:
                 if block:
-                    item = self._inbox.get()
+                    item = self._wait_or_exit()
                 else:
                     left = 0.0 if deadline is None else deadline - time.monotonic()
                     item = self._inbox.get(timeout=left) if left > 0 else self._inbox.get_nowait()
@@ -419,6 +452,20 @@ class Scheduler:
             if len(self._waiting) >= self.max_batch_size:
                 deadline = None
             block = False
+
+    def _wait_or_exit(self) -> object:
+        """The next item; after ``IDLE_EXIT_S`` without one, hand over and raise _Idle.
+
+        ``submit`` queues under the lock and starts a thread when there is none, so checking the
+        inbox and giving up ``_thread`` under the same lock loses no request."""
+        while True:
+            try:
+                return self._inbox.get(timeout=IDLE_EXIT_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._inbox.empty():
+                        self._thread = None
+                        raise _Idle from None
 
     def _finish(self, seq: RunningSequence, reason: Any) -> None:
         try:

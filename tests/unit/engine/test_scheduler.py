@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import queue
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
+from engine import scheduler as scheduler_module
 from engine.api import Engine, load_engine
 from engine.errors import ExpertSetError
 from engine.generation import Finished, GenerationResult, TextDelta
@@ -382,3 +385,127 @@ def test_a_failing_sink_cancels_only_its_own_request(sched: Scheduler) -> None:
     while sched.running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sched.running == 0
+
+
+def test_an_idle_scheduler_ends_its_thread_and_starts_one_again(
+    backend: Engine, sched: Scheduler
+) -> None:
+    """An idle thread ends (freeing torch's OpenMP team, see IDLE_EXIT_S); the next request
+    starts a new one and decodes exactly as before."""
+    first = sched.generate("The quick brown fox", greedy(5))
+    thread = sched._thread
+    assert thread is not None
+    thread.join(5 + 20 * scheduler_module.IDLE_EXIT_S)
+    assert not thread.is_alive()
+    assert sched._thread is None
+    again = sched.generate("The quick brown fox", greedy(5))
+    assert again.token_ids == first.token_ids
+    assert sched._thread is not None and sched._thread is not thread
+
+
+def test_no_request_is_lost_when_an_idle_thread_hands_over(
+    backend: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Submissions racing the idle thread's exit all complete, across many handovers."""
+    monkeypatch.setattr(scheduler_module, "IDLE_EXIT_S", 0.0005)
+    s = Scheduler(backend, max_batch_size=4)
+    try:
+        expected = s.generate("Permission is", greedy(2)).token_ids
+        seen: list[threading.Thread] = []
+        outs: list[tuple[int, ...]] = []
+        errors: list[BaseException] = []
+
+        def worker(k: int) -> None:
+            rng = random.Random(k)
+            try:
+                for _ in range(30):
+                    time.sleep(rng.uniform(0, 0.003))
+                    outs.append(s.generate("Permission is", greedy(2)).token_ids)
+                    if (t := s._thread) is not None:
+                        seen.append(t)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a request was lost at a handover"
+        assert not errors, errors
+        assert outs == [expected] * 120
+        assert len({id(t) for t in seen}) > 1  # the thread did end and start again
+    finally:
+        s.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        s.submit("The", greedy(2), Collector())
+
+
+class _RacingInbox:
+    """The scheduler's inbox, holding the idle thread between its timed-out wait and its
+    exit until the test has submitted: the exact race a handover must survive."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.armed = False
+        self.timed_out = threading.Event()
+        self.submitted = threading.Event()
+
+        self.idle_thread: threading.Thread | None = None
+        self.after_timeout: list[str] = []  # inbox calls of the idle thread after its wait
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        self._note("get")
+        try:
+            return self.inner.get(block, timeout)
+        except queue.Empty:
+            if self.armed and timeout is not None:
+                self.armed = False
+                self.idle_thread = threading.current_thread()
+                self.timed_out.set()
+                self.submitted.wait(5)
+            raise
+
+    def get_nowait(self) -> Any:
+        self._note("get_nowait")
+        return self.inner.get_nowait()
+
+    def _note(self, call: str) -> None:
+        if self.idle_thread is threading.current_thread():
+            self.after_timeout.append(call)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("submit_before_exit", [True, False])
+def test_a_request_racing_the_idle_thread_exit_is_served(
+    backend: Engine, submit_before_exit: bool
+) -> None:
+    """Submitted while the idle thread is between its timed-out wait and its decision to end
+    (it must serve it), or after that decision (a new thread must serve it, and the old one
+    must not touch the inbox on its way out)."""
+    s = Scheduler(backend)
+    inbox = _RacingInbox(s._inbox)
+    s._inbox = inbox  # type: ignore[assignment]
+    try:
+        expected = s.generate("The", greedy(3)).token_ids
+        inbox.armed = True  # the thread's next timed wait is its idle wait
+        assert inbox.timed_out.wait(5)
+        old = s._thread
+        assert old is not None
+        sink = Collector()
+        if submit_before_exit:
+            s.submit("The", greedy(3), sink)  # the old thread still owns the scheduler here
+            inbox.submitted.set()
+        else:
+            inbox.submitted.set()
+            old.join(5)
+            assert not old.is_alive() and s._thread is None
+            s.submit("The", greedy(3), sink)
+        assert sink.result.token_ids == expected
+        if not submit_before_exit:
+            assert inbox.after_timeout == [], inbox.after_timeout
+            assert s._thread is not old
+    finally:
+        s.close()
