@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -85,6 +85,33 @@ CONCURRENT_SETS = [
 ]
 HALF = ("public", "owner-1", "owner-2", "owner-3")
 ONE = ("public",)
+
+
+T = TypeVar("T")
+
+
+def isolated(fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread of its own that ends with it. On the CPU, torch's OpenMP runtime
+    gives every thread that runs a parallel operator a team of worker threads until that
+    thread ends, and once the teams' threads outnumber the CPUs it stops spin-waiting between
+    operators (engine.scheduler.IDLE_EXIT_S): torch work done on this script's own thread
+    (transformers' generate, the matmul test) would slow every side measured after it,
+    transformers' included. So all of it runs on short-lived threads."""
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            err.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if err:
+        raise err[0]
+    return out[0]
 
 
 def sync(device: torch.device) -> None:
@@ -225,10 +252,15 @@ def bench_size(
     from transformers import FlexOlmoForCausalLM
 
     overrides = SIZES[name]
-    path = build_tiny_checkpoint(workdir / name, EXPERTS, seed=0, **overrides)
-    eng: Engine = load_engine(path, device_map="cpu" if device.type == "cpu" else str(device))
+
+    def setup() -> tuple[Engine, Any]:
+        path = build_tiny_checkpoint(workdir / name, EXPERTS, seed=0, **overrides)
+        eng = load_engine(path, device_map="cpu" if device.type == "cpu" else str(device))
+        ref = FlexOlmoForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return eng, ref.to(device).eval()
+
+    eng, ref = isolated(setup)
     cfg = eng.model.config
-    ref = FlexOlmoForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = cfg.pad_token_id
     params_m = sum(p.numel() for p in eng.model.parameters()) / 1e6
@@ -242,12 +274,17 @@ def bench_size(
     on = Scheduler(eng, max_batch_size=8, track_usage=True)
     off = Scheduler(eng, max_batch_size=8, track_usage=False)
 
+    def reference() -> torch.Tensor:
+        def run() -> torch.Tensor:
+            with torch.inference_mode():  # thread-local: set on the thread that generates
+                return ref.generate(
+                    torch.tensor([prompt], device=device), max_new_tokens=tokens, do_sample=False
+                )
+
+        return isolated(run)
+
     def hf() -> None:
-        with torch.inference_mode():
-            out = ref.generate(
-                torch.tensor([prompt], device=device), max_new_tokens=tokens, do_sample=False
-            )
-        assert out.shape[1] == prompt_len + tokens
+        assert reference().shape[1] == prompt_len + tokens
 
     def engine(sched: Scheduler, allowed: Any = None) -> Callable[[], None]:
         def run() -> None:
@@ -283,10 +320,7 @@ def bench_size(
         "d_conc_off": lambda: run_concurrent(off, prompts8, params),
     }
     # warm-up (first calls allocate, and check the engine equals transformers greedily)
-    with torch.inference_mode():
-        ref_out = ref.generate(
-            torch.tensor([prompt], device=device), max_new_tokens=tokens, do_sample=False
-        )
+    ref_out = reference()
     same = list(on.generate(prompt, params).token_ids) == ref_out[0, prompt_len:].tolist()
     run_concurrent(on, prompts8, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     run_concurrent(off, prompts8, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
@@ -297,8 +331,8 @@ def bench_size(
         for key in keys if r % 2 == 0 else keys[::-1]:  # alternate the order: no key always first
             t.add(key, configs[key]())
         print(f"  [{name}] round {r + 1}/{rounds} done", file=sys.stderr)
-    accounting_1 = accounting_cost(lambda: engine(on)())
-    accounting_8 = accounting_cost(lambda: run_concurrent(on, prompts8, params))
+    accounting_1 = isolated(lambda: accounting_cost(lambda: engine(on)()))
+    accounting_8 = isolated(lambda: accounting_cost(lambda: run_concurrent(on, prompts8, params)))
     on.close()
     off.close()
     eng.close()
@@ -472,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     command = "PYTHONPATH=. python bench/engine.py " + " ".join(argv or sys.argv[1:])
-    gflops = matmul_gflops(device)
+    gflops = isolated(lambda: matmul_gflops(device))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sizes.split(","):
@@ -480,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(
                 bench_size(name, args.rounds, args.tokens, args.prompt, Path(tmp), device)
             )
-    gflops = max(gflops, matmul_gflops(device))
-    gbs = copy_gbs(device)
+    gflops = max(gflops, isolated(lambda: matmul_gflops(device)))
+    gbs = isolated(lambda: copy_gbs(device))
     text = report(results, gflops, gbs, command.strip(), args.rounds, device)
     print(text)
     if args.write is not None:
