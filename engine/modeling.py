@@ -31,6 +31,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.flex_olmo import modeling_flex_olmo as fo
 
+from engine import kernels
 from engine.errors import ExpertSetError
 from engine.routing import RoutingControl
 
@@ -49,16 +50,6 @@ ROUTER_BIAS_ATTR = "router_bias"
 _HOST_GROUPING_MAX = 64
 """Up to this many selections per layer are grouped by expert on the host (one transfer of
 the ids) rather than by a device sort and bincount."""
-
-_SKINNY_MAX = 64
-"""An expert given 2 to this many tokens on a CPU that runs torch ops on several threads (a
-batched decoding step routes ~2 rows to each expert) computes ``W @ x.T`` instead of
-``x @ W.T``. Same products; but torch's CPU GEMM splits a skinny ``x @ W.T`` across threads by
-rows of ``x``, so every thread streams the whole weight, while ``W @ x.T`` splits the weight's
-rows between them. Measured on the 2-core development machine (torch 2.13 CPU, MKL, 2 threads):
-~1.1 ms vs ~0.36-0.76 ms per expert of 2 tokens, batch-8 decoding ~25 % faster. With one
-thread the two forms read the same bytes and ``F.linear`` is a little faster, so it is kept
-there, and for a single token or a prefill."""
 
 ExpertMLP = fo.FlexOlmoMLP
 """One expert's FFN: transformers' FlexOlmoMLP (gate_proj, up_proj, down_proj, SiLU)."""
@@ -222,17 +213,30 @@ class GovernedSparseMoeBlock(nn.Module):
             return (outs[0] * w).to(h.dtype)
         return torch.mm(w.to(outs[0].dtype), torch.cat(outs)).to(h.dtype)
 
+    def _cpu_gate_weights(self) -> list[torch.Tensor]:
+        """The gate_proj weights of the loaded experts on the CPU (engine.kernels times them)."""
+        flags = self._direct_flags()
+        return [
+            cast(ExpertMLP, expert).gate_proj.weight
+            for e, expert in enumerate(self.experts)
+            if flags[e]
+            and e not in self.unloaded
+            and cast(ExpertMLP, expert).gate_proj.weight.device.type == "cpu"
+        ]
+
     def _run_expert(self, e: int, xe: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Expert ``e`` on ``xe``, its output on ``device``."""
         expert = cast(ExpertMLP, self.experts[e])
         if self._direct_flags()[e]:
-            n = xe.shape[0]
-            if 1 < n <= _SKINNY_MAX and xe.device.type == "cpu" and torch.get_num_threads() > 1:
-                # Transposed: W @ x.T rather than x @ W.T (see _SKINNY_MAX).
-                xt = xe.t()
-                gate_t = torch.mm(expert.gate_proj.weight, xt)
-                up_t = torch.mm(expert.up_proj.weight, xt)
-                return torch.mm(expert.down_proj.weight, expert.act_fn(gate_t) * up_t).t()
+            gate_w = expert.gate_proj.weight
+            if (
+                xe.shape[0] <= kernels.SKINNY_MAX
+                and xe.device.type == "cpu"
+                and kernels.transposed_is_faster(gate_w, xe.shape[0], self._cpu_gate_weights)
+            ):
+                return kernels.expert_ffn_transposed(
+                    xe, gate_w, expert.up_proj.weight, expert.down_proj.weight, expert.act_fn
+                )
             gate = F.linear(xe, expert.gate_proj.weight)
             up = F.linear(xe, expert.up_proj.weight)
             return F.linear(expert.act_fn(gate) * up, expert.down_proj.weight)

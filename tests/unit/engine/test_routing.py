@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache, FlexOlmoForCausalLM
 
-from engine import Engine, ExpertSetError, load_engine
+from engine import Engine, ExpertSetError, kernels, load_engine
 from engine.routing import RoutingControl
 
 from .conftest import BIAS, IDS, prune
@@ -24,13 +24,18 @@ def eng(tiny_dir: Path) -> Engine:
     return load_engine(tiny_dir)
 
 
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def torch_threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    """Run a test with 1 and with 2 torch threads: a few tokens per expert take the
-    ``W @ x.T`` form with several threads and ``F.linear`` with one (engine.modeling)."""
+@pytest.fixture(
+    params=[(1, False), (1, True), (2, False), (2, True)],
+    ids=["1-thread-linear", "1-thread-transposed", "2-threads-linear", "2-threads-transposed"],
+)
+def torch_threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """Run a test with 1 and with 2 torch threads, and with each form of the few-token expert
+    products (``F.linear`` and ``W @ X.T``, which engine.kernels picks per machine)."""
+    threads, transposed = request.param
+    monkeypatch.setattr(kernels, "FORCE_TRANSPOSED", transposed)
     old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
+    torch.set_num_threads(threads)
+    yield threads
     torch.set_num_threads(old)
 
 
