@@ -15,8 +15,9 @@ tokens both count; padding (``attention_mask == 0``) does not.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,8 @@ class Engine:
         self._unloaded: dict[int, list[ExpertRecord]] = {}
         self._scheduler: Scheduler | None = None
         self._scheduler_lock = threading.Lock()  # not self.lock: the scheduler holds that per step
+        self._maintenance = 0  # unload/load calls waiting for or holding self.lock
+        self._maintenance_count_lock = threading.Lock()
 
     # -- description ------------------------------------------------------------------------
 
@@ -297,13 +300,33 @@ class Engine:
 
     # -- experts at run time ----------------------------------------------------------------
 
+    @property
+    def maintenance_pending(self) -> bool:
+        """An ``unload_expert``/``load_expert`` is waiting for the model lock or holds it. The
+        scheduler lets it go before its next step. Locks promise no fairness: CPython's
+        usually hands a released lock to a thread blocked on it, but nothing guarantees that a
+        busy batch, releasing and retaking the lock between steps, cannot hold a withdrawal
+        off until it drains."""
+        return self._maintenance > 0
+
+    @contextlib.contextmanager
+    def _maintenance_turn(self) -> Iterator[None]:
+        with self._maintenance_count_lock:
+            self._maintenance += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self._maintenance_count_lock:
+                self._maintenance -= 1
+
     def unload_expert(self, expert_id: str) -> None:
         """Free an expert's weights (every layer) while the engine runs; requests that allow
         it fail with ExpertSetError until :meth:`load_expert`. No-op if already unloaded."""
         idx = self._index.get(expert_id)
         if idx is None:
             raise ExpertSetError(f"unknown expert id(s) {[expert_id]}", [expert_id])
-        with self.lock:
+        with self._maintenance_turn():
             if idx in self._unloaded:
                 return
             self._unloaded[idx] = placement.unload_expert(self.model, idx)
@@ -313,7 +336,7 @@ class Engine:
         idx = self._index.get(expert_id)
         if idx is None:
             raise ExpertSetError(f"unknown expert id(s) {[expert_id]}", [expert_id])
-        with self.lock:
+        with self._maintenance_turn():
             records = self._unloaded.get(idx)
             if records is None:
                 return

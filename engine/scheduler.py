@@ -73,6 +73,12 @@ second scheduler) do not slow the one that is. Starting a thread again costs ~0.
 the ``ADMISSION_WINDOW_S`` every request after an idle spell waits anyway."""
 
 
+MAINTENANCE_YIELD_S = 1.0
+"""How long the scheduler waits, polling, for a pending unload/load to take and release the
+model lock before its next step (a slow load from disk can take longer; the step then waits
+on the lock itself)."""
+
+
 class GenerationError(EngineError, RuntimeError):
     """The model failed while generating a request (the cause is chained)."""
 
@@ -280,6 +286,7 @@ class Scheduler:
         self._model_lock: contextlib.AbstractContextManager[Any] = (
             lock if lock is not None else contextlib.nullcontext()
         )
+        self._has_maintenance = hasattr(backend, "maintenance_pending")
 
     # -- submission (any thread) ----------------------------------------------------------------
 
@@ -479,6 +486,7 @@ class Scheduler:
 
     def _iterate(self, batch: DecodeBatch) -> None:
         self._take(block=not batch.rows and not self._waiting)
+        self._yield_to_maintenance()
         # The engine's lock: experts are unloaded and loaded only between steps.
         with self._model_lock:
             self._apply_controls(batch)
@@ -490,6 +498,16 @@ class Scheduler:
                     self._fail(batch.clear(), exc)
                     return
                 self._retire(batch)
+
+    def _yield_to_maintenance(self) -> None:
+        """Let a waiting unload/load take the model lock before the next step (the engine's
+        ``maintenance_pending``); after ``MAINTENANCE_YIELD_S`` the step just queues for it."""
+        if not self._has_maintenance:
+            return
+        backend: Any = self.backend
+        deadline = time.monotonic() + MAINTENANCE_YIELD_S
+        while backend.maintenance_pending and time.monotonic() < deadline:
+            time.sleep(0.0002)
 
     def _revoke_unloaded(self, batch: DecodeBatch) -> None:
         """An expert unloaded while requests may use it is revoked from them (fail closed)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 from engine.api import Engine, load_engine
 from engine.errors import ExpertSetError
 from engine.generation import Finished, GenerationResult, PromptError, TextDelta
+from engine.sampling import SamplingParams
 from tests.unit.engine.conftest import IDS
 
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -70,24 +73,56 @@ async def test_stream_yields_deltas_then_the_result(eng: Engine) -> None:
     assert sync.token_ids == res.token_ids
 
 
-async def test_an_expert_unloaded_mid_run_is_revoked_from_running_requests(eng: Engine) -> None:
-    stream = eng.stream("The", temperature=0, max_tokens=200, ignore_eos=True)
-    unloaded = False
+def test_an_expert_unloaded_mid_run_is_revoked_at_the_next_step(eng: Engine) -> None:
+    """The unload is queued while a step holds the model lock; the busy scheduler lets it go
+    before its next step (not when the request ends), and the running request loses the
+    expert from then on."""
+    events: list[Any] = []
+    first, release, done = threading.Event(), threading.Event(), threading.Event()
+    tokens_at_unload: list[int] = []
+
+    def sink(ev: Any) -> None:
+        events.append(ev)
+        if isinstance(ev, TextDelta) and not first.is_set():
+            first.set()
+            assert release.wait(10)  # hold this step (and the model lock) until the unload waits
+        if isinstance(ev, Finished | BaseException):
+            done.set()
+
+    def unload() -> None:
+        eng.unload_expert("news")
+        tokens_at_unload.append(
+            sum(len(e.token_ids) for e in list(events) if isinstance(e, TextDelta))
+        )
+
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    eng.scheduler.submit("The", params, sink)
     try:
-        async for ev in stream:
-            if isinstance(ev, TextDelta) and not unloaded:
-                eng.unload_expert("news")  # waits for the step in flight
-                unloaded = True
-        res = stream.result
-        assert res is not None
-        assert res.finish_reason == "length"
+        assert first.wait(10)
+        unloader = threading.Thread(target=unload)
+        unloader.start()
+        deadline = time.monotonic() + 10
+        while not eng.maintenance_pending and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert eng.maintenance_pending
+        release.set()
+        unloader.join(10)
+        assert not unloader.is_alive()
+        assert done.wait(60)
+        last = events[-1]
+        assert isinstance(last, Finished), last
+        res = last.result
+        assert res.finish_reason == "length" and res.completion_tokens == 200
         assert "news" in res.narrowed and "news" not in res.allowed
+        assert tokens_at_unload and tokens_at_unload[0] <= 3, tokens_at_unload
+        assert not eng.maintenance_pending
         later = eng.generate("The", temperature=0, max_tokens=3)
         assert later.allowed == ("public", "code", "math")
         assert later.usage is not None and later.usage["news"] == (0, 0.0)
         with pytest.raises(ExpertSetError, match="unloaded"):
             eng.generate("The", allowed=["news"])
     finally:
+        release.set()
         eng.load_expert("news")
     assert eng.generate("The", max_tokens=2, allowed=["news"]).allowed == ("news",)
 

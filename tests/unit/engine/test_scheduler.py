@@ -327,7 +327,9 @@ async def test_aclose_and_task_cancellation_free_the_slot(sched: Scheduler) -> N
 
 
 async def test_stream_narrowing_and_context_manager(sched: Scheduler) -> None:
-    async with sched.stream("The data", greedy(30), allowed=("public", "code")) as stream:
+    # 200 tokens: the narrowing must land before the request ends (the loop reacts to the
+    # first delta while the scheduler keeps decoding)
+    async with sched.stream("The data", greedy(200), allowed=("public", "code")) as stream:
         assert stream.allowed == ("public", "code")
         async for ev in stream:
             if isinstance(ev, TextDelta):
