@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,10 @@ def _bench_engine() -> Any:
 TOKENS = 64
 
 
-def profile_size(path: Path, size: str, device: torch.device) -> None:
-    """Print one table row per side for the checkpoint at ``path``."""
+def profile_size(path: Path, size: str, device: torch.device, models: Any) -> None:
+    """Print one table row per side for the checkpoint at ``path``; ``models`` is
+    bench/engine.py (its ``sync``, and ``isolated``: transformers' generate runs on a
+    short-lived thread, so that its OpenMP team does not slow the engine's on a CPU)."""
     from transformers import FlexOlmoForCausalLM
 
     activities = [ProfilerActivity.CPU]
@@ -55,18 +58,25 @@ def profile_size(path: Path, size: str, device: torch.device) -> None:
         activities.append(ProfilerActivity.CUDA)
 
     def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        models.sync(device)
 
-    eng = load_engine(path, device_map="cpu" if device.type == "cpu" else str(device))
-    ref = FlexOlmoForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    def transformers_generate() -> Any:
+        with torch.inference_mode():  # thread-local: set on the thread that generates
+            return ref.generate(x, max_new_tokens=TOKENS, do_sample=False)
+
+    eng = models.isolated(
+        lambda: load_engine(path, device_map="cpu" if device.type == "cpu" else str(device))
+    )
+    ref = models.isolated(
+        lambda: FlexOlmoForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    )
     ref.generation_config.eos_token_id = None
     prompt = list(range(5, 37))
     params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
     x = torch.tensor([prompt], device=device)
     runs: dict[str, Callable[[], Any]] = {
         "engine": lambda: eng.generate(prompt, params),
-        "transformers": lambda: ref.generate(x, max_new_tokens=TOKENS, do_sample=False),
+        "transformers": lambda: models.isolated(transformers_generate),
     }
     try:
         for name, fn in runs.items():
@@ -105,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
-            path = build_tiny_checkpoint(
-                Path(tmp) / size, models.EXPERTS, seed=0, **models.SIZES[size]
+            build = partial(
+                build_tiny_checkpoint,
+                Path(tmp) / size,
+                models.EXPERTS,
+                seed=0,
+                **models.SIZES[size],
             )
-            profile_size(path, size, device)
+            path = models.isolated(build)
+            profile_size(path, size, device, models)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return 0
