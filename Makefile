@@ -16,7 +16,7 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy engine audit governance gateway
+	$(VENV)/bin/mypy engine audit governance gateway contracts
 
 # pytest exits 5 when it collected nothing: that is a failure here, never a pass.
 test: $(STAMP) lint

@@ -1,0 +1,102 @@
+"""The one settings object of a FlexGate process, read from the environment once.
+
+Every package reads its configuration from `settings()`; nothing else reads `os.environ`
+(tests and the CLI that point a process at another folder call `settings.cache_clear()` or
+pass `Settings.from_env(env)` explicitly). A bad value is a `SettingsError` naming the
+variable, raised when the process starts rather than on the first request that needs it.
+
+The table in DESIGN.md ("Configuration") and the README lists the variables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value FlexGate cannot use; the message names it."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r}: must be at least {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected a number") from None
+    if not value >= minimum or value == float("inf"):
+        raise SettingsError(f"{name}={raw!r}: must be a finite number >= {minimum}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in {"", "0", "false", "no", "off"}:
+        return False
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    raise SettingsError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated values; empty items dropped."""
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process-wide configuration; see `from_env` for the variable of each field."""
+
+    home: Path
+    database_url: str
+    model_dir: Path
+    audit_store_text: bool = False
+    audit_checkpoint_every: int = 1000
+    audit_checkpoint_seconds: float = 60.0
+    otel_endpoint: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        home = Path(env.get("FLEXGATE_HOME") or "./var").expanduser().resolve()
+        database_url = env.get("FLEXGATE_DATABASE_URL") or (
+            f"sqlite+aiosqlite:///{home / 'flexgate.db'}"
+        )
+        model = env.get("FLEXGATE_MODEL")
+        model_dir = Path(model).expanduser().resolve() if model else home / "demo-model"
+        return cls(
+            home=home,
+            database_url=database_url,
+            model_dir=model_dir,
+            audit_store_text=_bool(env, "FLEXGATE_AUDIT_STORE_TEXT"),
+            audit_checkpoint_every=_int(env, "FLEXGATE_AUDIT_CHECKPOINT_EVERY", 1000, minimum=1),
+            audit_checkpoint_seconds=_float(env, "FLEXGATE_AUDIT_CHECKPOINT_SECONDS", 60.0),
+            otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+        )
+
+
+@cache
+def settings() -> Settings:
+    """This process's settings, read from the environment on first use."""
+    return Settings.from_env()
+
+
+__all__ = ["Settings", "SettingsError", "settings"]
