@@ -72,6 +72,13 @@ class Settings:
     audit_checkpoint_every: int = 1000
     audit_checkpoint_seconds: float = 60.0
     otel_endpoint: str | None = None
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_jwks: str | None = None
+    """A JWKS file path or an http(s) URL; JWT bearers are off unless issuer, audience and
+    JWKS are all set."""
+    oidc_principal_claim: str = "sub"
+    oidc_roles_claim: str = "roles"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -90,6 +97,11 @@ class Settings:
             audit_checkpoint_every=_int(env, "FLEXGATE_AUDIT_CHECKPOINT_EVERY", 1000, minimum=1),
             audit_checkpoint_seconds=_float(env, "FLEXGATE_AUDIT_CHECKPOINT_SECONDS", 60.0),
             otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+            oidc_issuer=env.get("FLEXGATE_OIDC_ISSUER") or None,
+            oidc_audience=env.get("FLEXGATE_OIDC_AUDIENCE") or None,
+            oidc_jwks=env.get("FLEXGATE_OIDC_JWKS") or None,
+            oidc_principal_claim=env.get("FLEXGATE_OIDC_PRINCIPAL_CLAIM") or "sub",
+            oidc_roles_claim=env.get("FLEXGATE_OIDC_ROLES_CLAIM") or "roles",
         )
 
 

@@ -9,12 +9,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "CheckpointError",
     "Engine",
+    "EngineError",
     "ExpertSetError",
     "Finished",
     "ForwardResult",
+    "GenerationError",
     "GenerationResult",
     "GenerationStream",
+    "PlacementError",
+    "PromptError",
+    "SamplingError",
     "SamplingParams",
     "TextDelta",
     "load_engine",
@@ -25,7 +31,13 @@ _EXPORTS = {
     "Engine": "engine.api",
     "ForwardResult": "engine.api",
     "load_engine": "engine.api",
+    "EngineError": "engine.errors",
+    "CheckpointError": "engine.errors",
     "ExpertSetError": "engine.errors",
+    "GenerationError": "engine.errors",
+    "PlacementError": "engine.errors",
+    "PromptError": "engine.errors",
+    "SamplingError": "engine.errors",
     "GenerationResult": "engine.generation",
     "SamplingParams": "engine.sampling",
     "GenerationStream": "engine.scheduler",
@@ -35,7 +47,15 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from engine.api import Engine, ForwardResult, load_engine
-    from engine.errors import ExpertSetError
+    from engine.errors import (
+        CheckpointError,
+        EngineError,
+        ExpertSetError,
+        GenerationError,
+        PlacementError,
+        PromptError,
+        SamplingError,
+    )
     from engine.generation import Finished, GenerationResult, TextDelta
     from engine.sampling import SamplingParams
     from engine.scheduler import GenerationStream

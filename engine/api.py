@@ -261,7 +261,7 @@ class Engine:
         per-expert usage over the prompt and the generated tokens (see engine.generation).
 
         Raises (before any compute): ``PromptError`` (empty, outside the vocabulary, no room in
-        the window), ``ExpertSetError`` (empty set, unknown or unloaded expert), ``ValueError``
+        the window), ``ExpertSetError`` (empty set, unknown or unloaded expert), ``SamplingError``
         (sampling parameters). ``GenerationError`` if the model fails.
         """
         sampling = _sampling(params, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)

@@ -1,4 +1,8 @@
-"""Errors the engine raises. Each is a ValueError or RuntimeError subclass with a clear message."""
+"""Errors the engine raises. Each is a ValueError or RuntimeError subclass with a clear message.
+
+All of them live here (and are exported from `engine`), so a caller can catch any of them
+without importing torch: `from engine import PromptError` is cheap.
+"""
 
 from __future__ import annotations
 
@@ -27,3 +31,17 @@ class CheckpointError(EngineError, ValueError):
 
 class PlacementError(EngineError, ValueError):
     """A device map, memory budget or offload request cannot be honoured."""
+
+
+class PromptError(EngineError, ValueError):
+    """The prompt is empty, holds ids outside the vocabulary, or leaves no room in the context
+    window. Raised before any compute."""
+
+
+class SamplingError(EngineError, ValueError):
+    """A sampling parameter is out of range (max_tokens, temperature, top_p, top_k, seed, stop).
+    Raised before any compute."""
+
+
+class GenerationError(EngineError, RuntimeError):
+    """The model failed while generating a request (the cause is chained)."""

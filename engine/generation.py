@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from engine.errors import EngineError
+from engine.errors import PromptError
 from engine.kvcache import SlotKVCache
 from engine.routing import RoutingControl
 from engine.sampling import SamplingParams, make_generator, select_tokens
@@ -51,11 +51,6 @@ window reached; ``cancelled``: the caller cancelled, or a narrowing left no expe
 
 _DETOKENIZE_CONTEXT = 4
 """Prompt tokens decoded before the first generated token, so its leading space is right."""
-
-
-class PromptError(EngineError, ValueError):
-    """The prompt is empty, holds ids outside the vocabulary, or leaves no room in the context
-    window. Raised before any compute."""
 
 
 @dataclass(frozen=True)

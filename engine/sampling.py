@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.errors import SamplingError
+
 __all__ = ["MAX_STOP_STRINGS", "SamplingParams", "make_generator", "select_tokens"]
 
 MAX_STOP_STRINGS = 16
@@ -57,22 +59,26 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise SamplingError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_real(self.temperature) or not (
             math.isfinite(self.temperature) and self.temperature >= 0
         ):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            raise SamplingError(
+                f"temperature must be a finite number >= 0, got {self.temperature!r}"
+            )
         if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+            raise SamplingError(
+                f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}"
+            )
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED):
-            raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
+            raise SamplingError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+            raise SamplingError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+                raise SamplingError(f"stop strings must be non-empty strings, got {s!r}")
 
     @property
     def greedy(self) -> bool:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import EngineError, ExpertSetError
+from engine.errors import ExpertSetError, GenerationError
 from engine.generation import (
     DecodeBatch,
     Finished,
@@ -77,10 +77,6 @@ MAINTENANCE_YIELD_S = 1.0
 """How long the scheduler waits, polling, for a pending unload/load to take and release the
 model lock before its next step (a slow load from disk can take longer; the step then waits
 on the lock itself)."""
-
-
-class GenerationError(EngineError, RuntimeError):
-    """The model failed while generating a request (the cause is chained)."""
 
 
 class RequestControl:

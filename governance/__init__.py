@@ -5,7 +5,7 @@ and run one transaction each: change + Casbin rule + policy-version bump + ledge
 
 - authenticate: `auth.authenticate(session, authorization_header, jwt=JwtVerifier | None)`
   -> `identity.Identity` or `errors.AuthenticationFailed` (401);
-  `oidc.OidcSettings.from_env()` / `oidc.JwtVerifier(settings)` for optional JWT bearers.
+  `oidc.OidcSettings.from_settings()` / `oidc.JwtVerifier(settings)` for optional JWT bearers.
 - decide: one `store.PolicyStore()` per worker; per request
   `snap = await store.snapshot(session)` (one version read, reload only when it moved), then
   `snap.authorize(identity.roles, method, path)` (403 when False) and

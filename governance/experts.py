@@ -1,7 +1,7 @@
 """The expert registry: the served model's experts, their owners and status.
 
-The model folder is read here directly (experts.json, else config.json's `num_experts`) in
-the format DESIGN.md's "Engine contract" fixes, because governance may not import the engine.
+The model folder is read (experts.json, else config.json's `num_experts`) through
+`contracts.experts`, the schema the engine reads too (governance may not import the engine).
 Registration is automatic (`ensure_registered`, called by the server and the CLI) and explicit
 (`flexgate experts sync`). An owner named in experts.json who is not a principal yet is
 reported, never invented; a later sync assigns them once they exist.
@@ -9,19 +9,17 @@ reported, never invented; a later sync assigns them once they exist.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from audit.settings import flexgate_home
+from contracts.experts import ExpertsFileError, model_experts
+from contracts.settings import settings
 from governance import policy
 from governance.changes import Change, change, fresh
 from governance.errors import (
@@ -75,50 +73,16 @@ class SyncReport:
 
 def served_model_dir() -> Path:
     """FLEXGATE_MODEL, else the demo model in FLEXGATE_HOME (DESIGN.md, "Configuration")."""
-    value = os.environ.get("FLEXGATE_MODEL")
-    return Path(value).expanduser().resolve() if value else flexgate_home() / "demo-model"
+    return settings().model_dir
 
 
 def read_model_experts(model_dir: Path | str) -> list[ModelExpert]:
-    """The experts of a model folder, in router-row order."""
-    folder = Path(model_dir)
-    listing = folder / "experts.json"
-    if listing.is_file():
-        try:
-            data: Any = json.loads(listing.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{listing}: not readable JSON: {exc}") from None
-        items = data.get("experts") if isinstance(data, dict) else None
-        if not isinstance(items, list) or not items:
-            raise ModelError(f'{listing}: expected {{"experts": [{{"id": …}}, …]}}')
-        out: list[ModelExpert] = []
-        for n, item in enumerate(items):
-            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-                raise ModelError(f"{listing}: expert {n} has no string id")
-            try:
-                check_id(item["id"], "expert id")
-            except InvalidId as exc:
-                raise ModelError(f"{listing}: {exc}") from None
-            owner = item.get("owner")
-            description = item.get("description")
-            out.append(
-                ModelExpert(
-                    id=item["id"],
-                    owner=owner if isinstance(owner, str) and owner else None,
-                    description=description if isinstance(description, str) else "",
-                )
-            )
-        if len({e.id for e in out}) != len(out):
-            raise ModelError(f"{listing}: duplicate expert ids")
-        return out
-    config = folder / "config.json"
+    """The experts of a model folder, in router-row order (schema: `contracts.experts`)."""
     try:
-        num = json.loads(config.read_text(encoding="utf-8")).get("num_experts")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelError(f"{folder}: no experts.json and no readable config.json ({exc})") from None
-    if not isinstance(num, int) or num < 1:
-        raise ModelError(f"{config}: num_experts must be a positive integer")
-    return [ModelExpert(id=f"expert-{i}", owner=None, description="") for i in range(num)]
+        entries = model_experts(model_dir)
+    except ExpertsFileError as exc:
+        raise ModelError(str(exc)) from None
+    return [ModelExpert(id=e.id, owner=e.owner, description=e.description or "") for e in entries]
 
 
 def public_expert_id(experts: Sequence[ModelExpert]) -> str:

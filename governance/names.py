@@ -8,7 +8,8 @@ two. Ids are matched exactly everywhere (no prefix or glob matching).
 
 Documented sets:
 
-- principal, expert and group ids: `[A-Za-z0-9][A-Za-z0-9._@-]{0,127}`
+- principal, expert and group ids: `[A-Za-z0-9][A-Za-z0-9._@-]{0,127}` (the grammar of
+  `contracts.experts`, shared with the engine and experts.json)
 - purposes: `[a-z0-9][a-z0-9._-]{0,63}` (lower case), or `*` for every purpose in a license
 """
 
@@ -18,6 +19,7 @@ import re
 import secrets
 from collections.abc import Iterable
 
+from contracts import experts as expert_contract
 from governance.errors import InvalidGrantee, InvalidId, InvalidPurpose, InvalidRole
 
 ROLES: frozenset[str] = frozenset({"application", "data_owner", "compliance_officer", "admin"})
@@ -26,18 +28,15 @@ GROUP_PREFIX = "group:"
 ROLE_PREFIX = "role:"
 DEFAULT_PURPOSE = "general"
 
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 _PURPOSE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 def check_id(value: str, what: str = "id") -> str:
     """Return `value` if it is a valid principal/expert/group id, else raise InvalidId."""
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-        raise InvalidId(
-            f"invalid {what} {value!r}: use 1-128 of A-Z a-z 0-9 . _ @ - "
-            "(starting with a letter or digit)"
-        )
-    return value
+    try:
+        return expert_contract.check_id(value, what)
+    except expert_contract.InvalidIdError as exc:
+        raise InvalidId(str(exc)) from None
 
 
 def check_role(value: str) -> str:

@@ -6,16 +6,16 @@ and `aud` are the configured ones. One claim names the principal, another its ro
 outside the four FlexGate roles are ignored. Symmetric algorithms are not accepted: a JWKS
 holds public keys.
 
-Configuration (all optional; JWT is off unless issuer, audience and JWKS are set):
-FLEXGATE_OIDC_ISSUER, FLEXGATE_OIDC_AUDIENCE, FLEXGATE_OIDC_JWKS (a file path or an
-http(s) URL), FLEXGATE_OIDC_PRINCIPAL_CLAIM (default `sub`), FLEXGATE_OIDC_ROLES_CLAIM
-(default `roles`; a dotted path such as `realm_access.roles` reaches into nested claims).
+Configuration (read once, through `contracts.settings`; all optional; JWT is off unless
+issuer, audience and JWKS are set): FLEXGATE_OIDC_ISSUER, FLEXGATE_OIDC_AUDIENCE,
+FLEXGATE_OIDC_JWKS (a file path or an http(s) URL), FLEXGATE_OIDC_PRINCIPAL_CLAIM (default
+`sub`), FLEXGATE_OIDC_ROLES_CLAIM (default `roles`; a dotted path such as `realm_access.roles`
+reaches into nested claims).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 
 import jwt
 
+from contracts.settings import Settings, settings
 from governance.errors import AuthenticationFailed, InvalidId
 from governance.identity import Identity
 from governance.names import ROLES, check_id
@@ -42,20 +43,24 @@ class OidcSettings:
     jwks_cache_s: int = 300
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> OidcSettings | None:
-        env = os.environ if env is None else env
-        issuer = env.get("FLEXGATE_OIDC_ISSUER")
-        audience = env.get("FLEXGATE_OIDC_AUDIENCE")
-        jwks = env.get("FLEXGATE_OIDC_JWKS")
+    def from_settings(cls, config: Settings | None = None) -> OidcSettings | None:
+        """The OIDC part of the process settings (`contracts.settings`); None when JWT is off."""
+        config = settings() if config is None else config
+        issuer, audience, jwks = config.oidc_issuer, config.oidc_audience, config.oidc_jwks
         if not (issuer and audience and jwks):
             return None
         return cls(
             issuer=issuer,
             audience=audience,
             jwks=jwks,
-            principal_claim=env.get("FLEXGATE_OIDC_PRINCIPAL_CLAIM", "sub"),
-            roles_claim=env.get("FLEXGATE_OIDC_ROLES_CLAIM", "roles"),
+            principal_claim=config.oidc_principal_claim,
+            roles_claim=config.oidc_roles_claim,
         )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OidcSettings | None:
+        """`from_settings` of `Settings.from_env(env)`; with no `env`, the process settings."""
+        return cls.from_settings(None if env is None else Settings.from_env(env))
 
 
 def _claim(claims: Mapping[str, Any], path: str) -> Any:
