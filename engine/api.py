@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, FlexOlmoConfig, PreTrainedTokenizerBase
+from transformers import FlexOlmoConfig, PreTrainedTokenizerBase
 
 from engine import loading, placement
 from engine.errors import ExpertSetError
@@ -405,12 +405,14 @@ def load_engine(
             in router-row order).
 
     Raises:
-        CheckpointError: missing/mis-shaped/unexpected tensor, bad config or experts.json.
+        CheckpointError: missing/mis-shaped/unexpected tensor, bad config or experts.json,
+            missing or unreadable tokenizer files (named).
         PlacementError: a device map or budget that cannot be honoured.
     """
     folder = Path(model_dir)
     config = loading.read_config(folder)
     experts = read_experts(folder, config.num_experts)
+    loading.check_tokenizer_files(folder)
     tensors = loading.checkpoint_tensors(folder)
     bias = loading.has_router_bias(tensors, config.num_hidden_layers)
     compute_dtype = loading.resolve_dtype(dtype, config)
@@ -426,5 +428,5 @@ def load_engine(
         priority = first + [i for i in range(len(experts)) if i not in first]
     unit_map = placement.resolve_device_map(model, device_map, max_memory, compute_dtype, priority)
     placed = placement.place_model(model, tensors, unit_map, compute_dtype, offload_folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer: PreTrainedTokenizerBase = loading.load_tokenizer(folder)
     return Engine(model, tokenizer, experts, folder, tensors, placed, compute_dtype)

@@ -1,6 +1,9 @@
 """Engine commands of the ``flexgate`` CLI: ``generate`` and ``model inspect``.
 
-``gateway.cli`` wires them in lazily (``engine.cli:generate``, ``engine.cli:model``).
+``gateway.cli`` wires them in lazily (``engine.cli:generate``, ``engine.cli:model``). Errors
+print one line and exit with `contracts.exit_codes` (docs/cli.md): 2 for bad input (the
+checkpoint folder, expert ids, prompt, sampling or placement options), 3 when the model
+fails while generating.
 """
 
 from __future__ import annotations
@@ -8,14 +11,21 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-if TYPE_CHECKING:
-    pass
+from contracts.exit_codes import ExitCode
 
 __all__ = ["generate", "model"]
+
+
+def _fail(exc: Exception) -> click.exceptions.Exit:
+    """Print the one-line error; the caller raises the returned Exit with its code."""
+    from engine.errors import GenerationError
+
+    click.echo(f"Error: {exc}", err=True)
+    failed_model = isinstance(exc, GenerationError)
+    return click.exceptions.Exit(int(ExitCode.UNAVAILABLE if failed_model else ExitCode.USAGE))
 
 
 @click.group()
@@ -37,7 +47,7 @@ def inspect_cmd(model_dir: Path, as_json: bool) -> None:
     try:
         summary = summarize(model_dir)
     except EngineError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise _fail(exc) from None
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2, default=str))
     else:
@@ -96,13 +106,13 @@ def generate(
     weight is the sum of their router probabilities.
     """
     from engine.api import load_engine
-    from engine.errors import EngineError
+    from engine.errors import EngineError, ExpertSetError
 
     try:
         eng = load_engine(model_dir, device_map=device_map, dtype=dtype)
         allowed = _allowed(eng.expert_ids, only, exclude)
         if not allowed:
-            raise click.ClickException("no expert left: --only/--exclude exclude every expert")
+            raise ExpertSetError("no expert left: --only/--exclude exclude every expert")
         text = prompt
         if chat:
             text = str(
@@ -117,7 +127,7 @@ def generate(
             prompt_ids, allowed=allowed, max_tokens=max_tokens, temperature=temperature, seed=seed
         )
     except (EngineError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise _fail(exc) from None
     click.echo(out.text)
     click.echo("")
     click.echo(

@@ -13,12 +13,13 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
-from transformers import FlexOlmoConfig
+from transformers import AutoTokenizer, FlexOlmoConfig
 
 from engine.errors import CheckpointError
 from engine.modeling import ROUTER_BIAS_ATTR, GovernedFlexOlmoForCausalLM
@@ -26,8 +27,10 @@ from engine.modeling import ROUTER_BIAS_ATTR, GovernedFlexOlmoForCausalLM
 __all__ = [
     "TensorInfo",
     "build_empty_model",
+    "check_tokenizer_files",
     "checkpoint_tensors",
     "load_tensors",
+    "load_tokenizer",
     "read_config",
     "resolve_dtype",
     "validate_checkpoint",
@@ -37,6 +40,14 @@ _SAFE_INDEX = "model.safetensors.index.json"
 _SAFE_SINGLE = "model.safetensors"
 _BIAS_SUFFIX = ".mlp.gate.bias"
 _MAX_LISTED = 8
+
+# The vocabulary files of each tokenizer format transformers reads, in the order tried.
+TOKENIZER_FORMATS: tuple[tuple[str, ...], ...] = (
+    ("tokenizer.json",),  # fast (Rust) tokenizers
+    ("tokenizer.model",),  # SentencePiece
+    ("vocab.json", "merges.txt"),  # byte-level BPE
+    ("vocab.txt",),  # WordPiece
+)
 
 
 @dataclass(frozen=True)
@@ -225,3 +236,36 @@ def _short(names: list[str]) -> str:
     shown = ", ".join(names[:_MAX_LISTED])
     more = len(names) - _MAX_LISTED
     return shown + (f" and {more} more" if more > 0 else "")
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """Refuse a checkpoint folder without a complete tokenizer, naming what is missing.
+
+    Called before any weight is read, so a folder copied without its tokenizer fails at once
+    with a message that says which files to add, rather than deep inside transformers.
+    """
+    for files in TOKENIZER_FORMATS:
+        if all((folder / f).is_file() for f in files):
+            return
+    partial = [
+        (files, [f for f in files if not (folder / f).is_file()])
+        for files in TOKENIZER_FORMATS
+        if any((folder / f).is_file() for f in files)
+    ]
+    if partial:
+        files, missing = partial[0]
+        raise CheckpointError(
+            f"{folder}: incomplete tokenizer: {', '.join(missing)} missing beside "
+            f"{', '.join(f for f in files if f not in missing)}"
+        )
+    expected = " or ".join(" and ".join(files) for files in TOKENIZER_FORMATS)
+    raise CheckpointError(f"{folder}: no tokenizer files: expected {expected}")
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The checkpoint's tokenizer (with its chat template); CheckpointError when unreadable."""
+    check_tokenizer_files(folder)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{folder}: the tokenizer files cannot be loaded ({exc})") from exc

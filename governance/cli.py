@@ -3,8 +3,12 @@
 The operator acts as an admin and is recorded in the ledger as `operator:cli`. Every command
 opens the database named by FLEXGATE_DATABASE_URL (or the SQLite file in FLEXGATE_HOME) and
 refuses a schema that is not at the migrations' head. `experts` and `licenses` commands first
-register the served model's experts if that has not happened yet. Errors print one line and
-exit 1; `keys create` prints the key alone on stdout (details go to stderr).
+register the served model's experts if that has not happened yet. `keys create` prints the key
+alone on stdout (details go to stderr).
+
+Errors print one line and exit with `contracts.exit_codes` (docs/cli.md): 2 bad input, 3 the
+database (or the served model, for `experts sync`) is not usable, 4 not found or in conflict
+with the current state. Every input is checked before anything is written.
 """
 
 from __future__ import annotations
@@ -18,9 +22,18 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from audit.errors import AuditError
-from governance.errors import GovernanceError, ModelError
+from audit.errors import (
+    AuditError,
+    DatabaseUnavailable,
+    InvalidQuery,
+    SchemaOutOfDate,
+    SigningKeyError,
+)
+from contracts.exit_codes import ExitCode
+from contracts.settings import SettingsError, settings
+from governance.errors import GovernanceError, InvalidInput, ModelError
 from governance.identity import Identity
+from governance.keys import MAX_KEY_LIFETIME
 
 T = TypeVar("T")
 OPERATOR = Identity.operator()
@@ -46,25 +59,55 @@ async def _auto_register(session: AsyncSession) -> None:
         _report_sync(report)
 
 
+def exit_code_of(exc: Exception) -> ExitCode:
+    """The exit code of an error a governance command stops on (docs/cli.md)."""
+    if isinstance(exc, ModelError | DatabaseUnavailable | SchemaOutOfDate | SigningKeyError):
+        return ExitCode.UNAVAILABLE
+    if isinstance(exc, InvalidInput | InvalidQuery | SettingsError):
+        return ExitCode.USAGE
+    if isinstance(exc, GovernanceError):
+        return ExitCode.REFUSED  # not found, conflicts, not permitted
+    return ExitCode.UNAVAILABLE
+
+
+def _fail(message: str, code: ExitCode) -> click.exceptions.Exit:
+    """Print the one-line error; the caller raises the returned Exit (exit code `code`)."""
+    click.echo(f"Error: {message}", err=True)
+    return click.exceptions.Exit(int(code))
+
+
 def _run(work: Callable[[AsyncSession], Awaitable[T]], *, register: bool = False) -> T:
     """Run one async unit of work against the configured database, errors as click errors."""
-    from audit.db import ensure_schema_current, make_engine, make_sessionmaker
+    from sqlalchemy.exc import ArgumentError
+
+    from audit.db import ensure_schema_current, make_engine, make_sessionmaker, translate_errors
 
     async def main() -> T:
-        engine = make_engine()
+        try:
+            engine = make_engine(settings().database_url)
+        except ArgumentError as exc:
+            raise SettingsError(f"FLEXGATE_DATABASE_URL: not a database URL ({exc})") from None
         try:
             await ensure_schema_current(engine)
-            async with make_sessionmaker(engine)() as session:
+            async with translate_errors(), make_sessionmaker(engine)() as session:
                 if register:
                     await _auto_register(session)
                 return await work(session)
         finally:
             await engine.dispose()
 
+    from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
     try:
         return asyncio.run(main())
-    except (GovernanceError, AuditError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except (GovernanceError, AuditError, SettingsError) as exc:
+        raise _fail(str(exc), exit_code_of(exc)) from None
+    except IntegrityError as exc:  # a concurrent change won the race; nothing was written
+        message = f"conflicts with a concurrent change, retry: {exc.orig}"
+        raise _fail(message, ExitCode.REFUSED) from None
+    except SQLAlchemyError as exc:  # e.g. a file that is not a database
+        reason = getattr(exc, "orig", None) or exc
+        raise _fail(f"database error: {reason}", ExitCode.UNAVAILABLE) from None
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
@@ -86,11 +129,13 @@ def _utc_time(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         return None
     try:
         at = datetime.fromisoformat(value)
+        return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
     except ValueError:
         raise click.BadParameter(
             f"{value!r} is not an ISO 8601 time (e.g. 2026-12-01T00:00:00Z)"
         ) from None
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before the first UTC instant
+        raise click.BadParameter(f"{value!r} is outside years 1 to 9999 in UTC") from None
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -160,7 +205,13 @@ def keys() -> None:
 
 @keys.command("create")
 @click.argument("principal_id")
-@click.option("--expires-in", "expires_in", type=click.IntRange(min=1), metavar="DAYS")
+@click.option(
+    "--expires-in",
+    "expires_in",
+    type=click.IntRange(min=1, max=MAX_KEY_LIFETIME.days),
+    metavar="DAYS",
+    help=f"Lifetime in days (at most {MAX_KEY_LIFETIME.days}); default: no expiry.",
+)
 def keys_create(principal_id: str, expires_in: int | None) -> None:
     """Create a key for PRINCIPAL_ID and print it (shown once) alone on stdout."""
     from governance.keys import create_key

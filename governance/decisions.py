@@ -32,11 +32,10 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from governance.errors import InvalidNarrowing
-from governance.names import ANY, GROUP_PREFIX, ROLE_PREFIX, check_purpose
+from governance.names import ANY, GROUP_PREFIX, PURPOSE_SEPARATOR, ROLE_PREFIX, check_purpose
 from governance.policy import (
     ALLOW,
     DENY,
-    PURPOSE_SEPARATOR,
     TIME_MAX,
     TIME_MIN,
     WITHDRAWN,

@@ -29,6 +29,7 @@ from governance.principals import get_principal, require_admin
 TOKEN_PREFIX = "fg"
 SECRET_BYTES = 32  # 256 bits
 KEY_ID_BYTES = 8
+MAX_KEY_LIFETIME = timedelta(days=36525)  # a century; far beyond it, dates stop being dates
 LAST_USED_RESOLUTION = timedelta(seconds=60)  # write last_used_at at most once a minute
 _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 _SECRET_RE = re.compile(r"[A-Za-z0-9_-]{43}")
@@ -68,6 +69,8 @@ async def create_key(
     now = now or datetime.now(UTC)
     if expires_in is not None and expires_in <= timedelta(0):
         raise InvalidInput("a key's lifetime must be positive")
+    if expires_in is not None and expires_in > MAX_KEY_LIFETIME:
+        raise InvalidInput(f"a key's lifetime is at most {MAX_KEY_LIFETIME.days} days")
     key_id = secrets.token_hex(KEY_ID_BYTES)
     token = f"{TOKEN_PREFIX}_{key_id}_{secrets.token_urlsafe(SECRET_BYTES)}"
     async with change(session, actor) as ch:

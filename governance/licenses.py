@@ -28,8 +28,10 @@ from governance.errors import (
 from governance.experts import get_expert, require_owner
 from governance.identity import Identity
 from governance.models import Denial, License
-from governance.names import new_id, normalise_purposes, parse_grantee
+from governance.names import check_id, check_text, new_id, normalise_purposes, parse_grantee
 from governance.principals import get_principal
+
+MAX_NOTE = 1000
 
 
 def _iso(at: datetime | None) -> str | None:
@@ -79,8 +81,10 @@ async def grant_license(
 ) -> License:
     """Grant `expert_id` to `grantee` (owner of the expert or admin). Purposes default to `*`."""
     now = now or datetime.now(UTC)
+    check_id(expert_id, "expert id")
     parse_grantee(grantee)
     purpose_list = list(normalise_purposes(purposes))
+    check_text(note, "note", MAX_NOTE)
     _check_window(valid_from, expires_at, now)
     async with change(session, actor) as ch:
         expert = await get_expert(session, expert_id)

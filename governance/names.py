@@ -20,15 +20,19 @@ import secrets
 from collections.abc import Iterable
 
 from contracts import experts as expert_contract
-from governance.errors import InvalidGrantee, InvalidId, InvalidPurpose, InvalidRole
+from governance.errors import InvalidGrantee, InvalidId, InvalidInput, InvalidPurpose, InvalidRole
 
 ROLES: frozenset[str] = frozenset({"application", "data_owner", "compliance_officer", "admin"})
 ANY = "*"
 GROUP_PREFIX = "group:"
 ROLE_PREFIX = "role:"
 DEFAULT_PURPOSE = "general"
+PURPOSE_SEPARATOR = "|"
 
 _PURPOSE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+MAX_PURPOSES_TEXT = 255
+"""A license's purposes joined by `|` fill one Casbin rule field (casbin_rule.v2, 255 wide)."""
+_UNSTORABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
 def check_id(value: str, what: str = "id") -> str:
@@ -63,7 +67,28 @@ def normalise_purposes(values: Iterable[str] | None) -> tuple[str, ...]:
     items = list(values or [])
     if not items or ANY in items:
         return (ANY,)
-    return tuple(sorted({check_purpose(v) for v in items}))
+    purposes = tuple(sorted({check_purpose(v) for v in items}))
+    if len(PURPOSE_SEPARATOR.join(purposes)) > MAX_PURPOSES_TEXT:
+        raise InvalidPurpose(
+            f"{len(purposes)} purposes take more than {MAX_PURPOSES_TEXT} characters "
+            "together: grant fewer per license"
+        )
+    return purposes
+
+
+def check_text(value: str | None, what: str, max_length: int) -> str | None:
+    """Free text (a display name, a note): at most `max_length` characters, no control
+    characters but tab and newline, no lone surrogates (neither survives the ledger's JSON)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be text")
+    if len(value) > max_length:
+        raise InvalidInput(f"{what} is {len(value)} characters long; at most {max_length}")
+    bad = _UNSTORABLE.search(value)
+    if bad is not None:
+        raise InvalidInput(f"{what} contains the character U+{ord(bad.group()):04X}")
+    return value
 
 
 def subject_of_role(role: str) -> str:

@@ -18,7 +18,7 @@ from casbin_async_sqlalchemy_adapter import Adapter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from governance.models import CasbinRule
-from governance.names import ANY, GROUP_PREFIX, ROLE_PREFIX
+from governance.names import ANY, GROUP_PREFIX, PURPOSE_SEPARATOR, ROLE_PREFIX
 
 MODEL_PATH = Path(__file__).with_name("policy_model.conf")
 ROUTE_POLICY_PATH = Path(__file__).with_name("route_policy.csv")
@@ -28,7 +28,6 @@ TIME_MAX = "9999-12-31T23:59:59.999999Z"
 WITHDRAWN = "status:withdrawn"
 ALLOW = "allow"
 DENY = "deny"
-PURPOSE_SEPARATOR = "|"
 
 Rule = list[str]
 

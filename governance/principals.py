@@ -13,7 +13,9 @@ from governance.changes import change, fresh
 from governance.errors import AlreadyExists, InvalidInput, NotPermitted, UnknownPrincipal
 from governance.identity import Identity
 from governance.models import Principal
-from governance.names import check_id, check_role
+from governance.names import check_id, check_role, check_text
+
+MAX_DISPLAY_NAME = 255  # principals.display_name
 
 
 def require_admin(actor: Identity, what: str) -> None:
@@ -45,6 +47,7 @@ async def add_principal(
     """Create a principal with at least one role (admin only)."""
     require_admin(actor, "create principals")
     check_id(principal_id, "principal id")
+    check_text(display_name, "display name", MAX_DISPLAY_NAME)
     role_list = sorted({check_role(r) for r in roles})
     if not role_list:
         raise InvalidInput("a principal needs at least one role")

@@ -52,7 +52,7 @@ def test_inspect_json_and_errors(tiny_dir: Path, tmp_path: Path) -> None:
     assert data["parameters"]["total"] == summarize(tiny_dir).total_params
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     bad = CliRunner().invoke(model, ["inspect", str(tmp_path)])
-    assert bad.exit_code == 1 and "'llama'" in bad.output
+    assert bad.exit_code == 2 and "'llama'" in bad.output
 
 
 def test_generate_prints_completion_and_usage(tiny_dir: Path) -> None:
@@ -99,14 +99,14 @@ def test_generate_seeded_sampling_is_reproducible(tiny_dir: Path) -> None:
 @pytest.mark.parametrize("flags", [["--only", "sports"], ["--exclude", "sports"]])
 def test_generate_unknown_expert(tiny_dir: Path, flags: list[str]) -> None:
     result = CliRunner().invoke(generate, ["--model", str(tiny_dir), "--prompt", "x", *flags])
-    assert result.exit_code == 1 and "sports" in result.output
+    assert result.exit_code == 2 and "sports" in result.output
 
 
 def test_generate_nothing_left(tiny_dir: Path) -> None:
     result = CliRunner().invoke(
         generate, ["--model", str(tiny_dir), "--prompt", "x", "--only", "code", "--exclude", "code"]
     )
-    assert result.exit_code == 1 and "no expert left" in result.output
+    assert result.exit_code == 2 and "no expert left" in result.output
 
 
 @pytest.mark.parametrize("allowed", [IDS, ("code",), ("public", "math")])

@@ -222,3 +222,22 @@ def test_dtype_bfloat16(tiny_dir: Path, input_ids: torch.Tensor) -> None:
     assert (res.logits.float() - full).abs().max() < 0.1
     with pytest.raises(ValueError, match="unknown dtype"):
         load_engine(tiny_dir, dtype="float7")
+
+
+def test_missing_tokenizer_names_the_files(tiny_dir: Path, tmp_path: Path) -> None:
+    path = copy_ckpt(tiny_dir, tmp_path / "m")
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="no tokenizer files") as info:
+        load_engine(path)
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
+        assert name in str(info.value)
+    (path / "vocab.json").write_text("{}")  # half of a BPE tokenizer
+    with pytest.raises(CheckpointError, match=r"merges\.txt missing beside vocab\.json"):
+        load_engine(path)
+
+
+def test_unreadable_tokenizer_is_a_checkpoint_error(tiny_dir: Path, tmp_path: Path) -> None:
+    path = copy_ckpt(tiny_dir, tmp_path / "m")
+    (path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"tokenizer files cannot be loaded"):
+        load_engine(path)

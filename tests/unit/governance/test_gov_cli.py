@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from audit.db import make_engine, make_sessionmaker
 from audit.models import LedgerRecord
+from contracts.settings import settings
 from gateway.cli import cli
 from governance.store import PolicyStore
 
@@ -24,6 +25,7 @@ KEY_LINE = re.compile(r"fg_[0-9a-f]{16}_[A-Za-z0-9_-]{43}\n")
 def run(db_url: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("FLEXGATE_DATABASE_URL", db_url)
     monkeypatch.setenv("FLEXGATE_MODEL", str(model_dir))
+    settings.cache_clear()
     runner = CliRunner()
 
     def invoke(*args: str, code: int = 0) -> Result:
@@ -79,12 +81,12 @@ def test_operator_workflow(run: Any, db_url: str) -> None:
     assert lic.startswith("lic_")
     dup = run(
         "licenses", "grant", "code", "group:research", "--purpose", "research",
-        "--expires-at", "2099-01-01T00:00:00Z", code=1,
+        "--expires-at", "2099-01-01T00:00:00Z", code=4,
     )  # fmt: skip
     assert "already grants" in dup.stderr
     assert (
         "invalid purpose"
-        in run("licenses", "grant", "code", "app-1", "--purpose", "Bad!", code=1).stderr
+        in run("licenses", "grant", "code", "app-1", "--purpose", "Bad!", code=2).stderr
     )
     assert (
         "ISO 8601"
@@ -92,9 +94,9 @@ def test_operator_workflow(run: Any, db_url: str) -> None:
     )
     assert "not after valid_from" in run(
         "licenses", "grant", "code", "app-1", "--valid-from", "2099-02-01",
-        "--expires-at", "2099-01-01", code=1,
+        "--expires-at", "2099-01-01", code=2,
     ).stderr  # fmt: skip
-    assert "unknown expert" in run("licenses", "grant", "nope", "app-1", code=1).stderr
+    assert "unknown expert" in run("licenses", "grant", "nope", "app-1", code=4).stderr
 
     _, decision = _ledger_and_decision(db_url)
     assert decision.allowed == ("public", "code")
@@ -109,13 +111,13 @@ def test_operator_workflow(run: Any, db_url: str) -> None:
     assert decision.excluded["code"] == "denied"
     run("licenses", "lift-deny", den)
     run("licenses", "revoke", lic)
-    assert "already revoked" in run("licenses", "revoke", lic, code=1).stderr
-    assert "unknown license" in run("licenses", "revoke", "lic_nope", code=1).stderr
+    assert "already revoked" in run("licenses", "revoke", lic, code=4).stderr
+    assert "unknown license" in run("licenses", "revoke", "lic_nope", code=4).stderr
 
     run("experts", "assign-owner", "math", "olga")
-    assert "data_owner" in run("experts", "assign-owner", "news", "app-1", code=1).stderr
+    assert "data_owner" in run("experts", "assign-owner", "news", "app-1", code=2).stderr
     run("experts", "withdraw", "code")
-    assert "already withdrawn" in run("experts", "withdraw", "code", code=1).stderr
+    assert "already withdrawn" in run("experts", "withdraw", "code", code=4).stderr
     run("experts", "reinstate", "code")
     run("keys", "revoke", key_id)
     assert "revoked" in run("keys", "list").stdout
@@ -143,5 +145,6 @@ def test_operator_workflow(run: Any, db_url: str) -> None:
 
 def test_out_of_date_schema_is_refused(empty_db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEXGATE_DATABASE_URL", empty_db_url)
+    settings.cache_clear()
     result = CliRunner().invoke(cli, ["principals", "list"])
-    assert result.exit_code == 1 and "flexgate db upgrade" in result.stderr
+    assert result.exit_code == 3 and "flexgate db upgrade" in result.stderr
