@@ -143,6 +143,31 @@ def test_excluded_expert_not_computed_for_its_row_in_mixed_batch(
         torch.testing.assert_close(got[r : r + 1], expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("seq_len", [9, 40], ids=["host-grouped", "device-sorted"])
+def test_rows_allowed_fewer_than_top_k_beside_rows_with_more(
+    tiny_dir: Path, reference_for: Ref, seq_len: int
+) -> None:
+    """Rows allowed one expert (|S| = 1 < top-k = 2) share a batch with a row allowed the
+    NaN-weighted experts: their second top-k selection is not real and must not be computed
+    (0 x NaN is NaN), on both dispatch paths (few selections grouped on the host, many
+    sorted on the device)."""
+    eng = load_engine(tiny_dir)
+    with torch.no_grad():
+        for layer in eng.model.model.layers:
+            for e in (IDS.index("code"), IDS.index("news")):
+                for p in layer.mlp.experts[e].parameters():
+                    p.fill_(float("nan"))
+    ids = torch.randint(5, 320, (3, seq_len), generator=torch.Generator().manual_seed(7))
+    rows = [("public",), ("public", "code", "news"), ("math",)]
+    got = eng.forward(ids, allowed=rows).logits
+    assert torch.isnan(got[1]).any()  # the NaN experts really are in the batch's union
+    ref = reference_for(tiny_dir)
+    for r in (0, 2):
+        assert torch.isfinite(got[r]).all(), f"row {r} computed an expert it may not use"
+        expected = ref_logits(prune(ref, [IDS.index(i) for i in rows[r]]), ids[r : r + 1])
+        torch.testing.assert_close(got[r : r + 1], expected, atol=ATOL, rtol=0)
+
+
 def test_excluded_expert_module_is_never_called(tiny_dir: Path, input_ids: torch.Tensor) -> None:
     """With accelerate hooks (here: one expert on disk) experts run as modules, so the hooks
     that would load their weights fire only for the experts computed."""
