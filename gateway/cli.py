@@ -54,7 +54,12 @@ class LazyGroup(click.Group):
         return command if isinstance(command, click.Command) else None
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Exit codes: 0 done; 1 audit evidence does not verify; 2 bad input; 3 database, "
+    "key or model not usable; 4 refused by the current state (docs/cli.md).",
+)
 @click.version_option(package_name="flexgate")
 def cli() -> None:
     """FlexGate: serve FlexOlmo models under data-owner control."""

@@ -162,3 +162,34 @@ def test_bad_setting_is_2(seeded: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEXGATE_AUDIT_CHECKPOINT_EVERY", "10**30x")
     result = invoke("principals", "list")
     assert result.exit_code == USAGE and "FLEXGATE_AUDIT_CHECKPOINT_EVERY" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["keys", "create", "app-1", "--expires-in", str(10**30)], USAGE),
+        (["licenses", "grant", "code", "app-1", "--expires-at", "0001-01-01T00:00+01:00"], USAGE),
+        (["principals", "list"], UNAVAILABLE),
+    ],
+)
+def test_exit_codes_of_the_real_process(
+    tmp_path: Path, model_dir: Path, args: list[str], code: ExitCode
+) -> None:
+    """The same codes from `python -m gateway.cli` (no database at all: the port is closed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "FLEXGATE_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/none",
+        "FLEXGATE_MODEL": str(model_dir),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.count("\n") <= 4 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("Error: ")
+    assert proc.stdout == ""
