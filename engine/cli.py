@@ -54,6 +54,16 @@ def inspect_cmd(model_dir: Path, as_json: bool) -> None:
         click.echo(format_summary(summary))
 
 
+def _served_model() -> str:
+    """FLEXGATE_MODEL (else the demo model in FLEXGATE_HOME), from the process settings."""
+    from contracts.settings import SettingsError, settings
+
+    try:
+        return str(settings().model_dir)
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def _allowed(expert_ids: Sequence[str], only: Sequence[str], exclude: Sequence[str]) -> list[str]:
     from engine.errors import ExpertSetError
 
@@ -68,10 +78,9 @@ def _allowed(expert_ids: Sequence[str], only: Sequence[str], exclude: Sequence[s
 @click.option(
     "--model",
     "model_dir",
-    envvar="FLEXGATE_MODEL",
-    required=True,
+    default=_served_model,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="FlexOlmo checkpoint folder (default: $FLEXGATE_MODEL).",
+    help="FlexOlmo checkpoint folder (default: $FLEXGATE_MODEL, else the demo model).",
 )
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--exclude", multiple=True, metavar="ID", help="Leave this expert out (repeatable).")

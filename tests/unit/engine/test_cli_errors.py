@@ -63,21 +63,18 @@ def test_generate_empty_prompt(tiny_dir: Path) -> None:
     assert result.exit_code == ExitCode.USAGE and "prompt is empty" in result.stderr
 
 
-@pytest.mark.parametrize(
-    ("folder", "message"),
-    [
-        ("no-tokenizer", "no tokenizer files: expected tokenizer.json"),
-        ("bad-experts", "not readable JSON"),
-        ("colon-id", "invalid id 'group:code'"),
-        ("not-a-model", "config.json"),
-    ],
-)
-@pytest.mark.parametrize("command", ["generate", "inspect"])
-def test_bad_checkpoint_folders(
-    broken: dict[str, Path], folder: str, message: str, command: str
-) -> None:
-    if command == "inspect" and folder == "no-tokenizer":
-        pytest.skip("inspect reads only config, experts and tensor headers")
+BROKEN = {
+    "no-tokenizer": "no tokenizer files: expected tokenizer.json",
+    "bad-experts": "not readable JSON",
+    "colon-id": "invalid id 'group:code'",
+    "not-a-model": "config.json",
+}
+# inspect reads only config, experts.json and tensor headers: a missing tokenizer is no fault
+CASES = [("generate", f) for f in BROKEN] + [("inspect", f) for f in BROKEN if f != "no-tokenizer"]
+
+
+@pytest.mark.parametrize(("command", "folder"), CASES)
+def test_bad_checkpoint_folders(broken: dict[str, Path], command: str, folder: str) -> None:
     args = (
         ["generate", "--model", str(broken[folder]), "--prompt", "x"]
         if command == "generate"
@@ -85,7 +82,7 @@ def test_bad_checkpoint_folders(
     )
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == ExitCode.USAGE, result.output
-    assert message in result.stderr and "Traceback" not in result.output
+    assert BROKEN[folder] in result.stderr and "Traceback" not in result.output
 
 
 def test_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
@@ -93,3 +90,21 @@ def test_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
                  ["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]):  # fmt: skip
         result = CliRunner().invoke(cli, args, catch_exceptions=False)
         assert result.exit_code == ExitCode.USAGE and "does not exist" in result.stderr
+
+
+def test_model_defaults_to_the_served_model(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contracts.settings import settings
+
+    monkeypatch.setenv("FLEXGATE_MODEL", str(tiny_dir))
+    settings.cache_clear()
+    try:
+        ok = CliRunner().invoke(cli, ["generate", "--prompt", "x", "--max-tokens", "2"])
+        assert ok.exit_code == 0, ok.output
+        monkeypatch.setenv("FLEXGATE_MODEL", str(tmp_path / "gone"))
+        settings.cache_clear()
+        gone = CliRunner().invoke(cli, ["generate", "--prompt", "x"], catch_exceptions=False)
+        assert gone.exit_code == ExitCode.USAGE and "does not exist" in gone.stderr
+    finally:
+        settings.cache_clear()

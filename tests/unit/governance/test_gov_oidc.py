@@ -164,3 +164,28 @@ def test_settings_from_environment() -> None:
         }
     )
     assert s is not None and (s.roles_claim, s.principal_claim) == ("groups", "sub")
+
+
+def test_settings_are_the_process_settings_read_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Governance reads FLEXGATE_MODEL and the OIDC variables through contracts.settings:
+    once per process, so a later change of the environment does not move it."""
+    from contracts.settings import settings
+    from governance.experts import served_model_dir
+
+    monkeypatch.setenv("FLEXGATE_MODEL", str(tmp_path / "one"))
+    monkeypatch.setenv("FLEXGATE_OIDC_ISSUER", ISSUER)
+    monkeypatch.setenv("FLEXGATE_OIDC_AUDIENCE", AUDIENCE)
+    monkeypatch.setenv("FLEXGATE_OIDC_JWKS", str(tmp_path / "jwks.json"))
+    settings.cache_clear()
+    assert served_model_dir() == (tmp_path / "one").resolve()
+    oidc = OidcSettings.from_settings()
+    assert oidc is not None and (oidc.issuer, oidc.audience) == (ISSUER, AUDIENCE)
+    monkeypatch.setenv("FLEXGATE_MODEL", str(tmp_path / "two"))
+    monkeypatch.delenv("FLEXGATE_OIDC_ISSUER")
+    assert served_model_dir() == (tmp_path / "one").resolve()  # read once
+    assert OidcSettings.from_settings() is not None
+    settings.cache_clear()
+    assert served_model_dir() == (tmp_path / "two").resolve()
+    assert OidcSettings.from_settings() is None
