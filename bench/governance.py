@@ -15,6 +15,10 @@ The baseline scans every rule per call, so it runs fewer queries at large N (sta
 `PolicyWatcher` (default interval) on a fresh SQLite database: N grants, each timed from its
 commit returning to the subscriber being called.
 
+`--drift N` times `governance.drift.check_policy_drift` (what `audit verify` adds for the
+governance tables) on a fresh SQLite database holding N principals, N grants, N/10 revokes and
+N/10 deny rules.
+
 With `--check`, exit 1 unless the targets hold: compiled cold p99 <= 0.5 ms at 10,000
 licenses and 8 experts (the best of three rounds: the machine may be shared), and every one
 of 20 changes reported by the watcher within 1 s. The unit tests check the same properties
@@ -22,6 +26,7 @@ by counting work and polls, never by the clock.
 
 Usage: python bench/governance.py [--sizes 100,10000,100000] [--queries 2000] [--seed 7]
        python bench/governance.py --watcher 40
+       python bench/governance.py --drift 2000
        python bench/governance.py --check
 """
 
@@ -156,10 +161,20 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--watcher", type=int, default=0, metavar="N", help="time N changes")
+    ap.add_argument("--drift", type=int, default=0, metavar="N", help="time the drift check")
     ap.add_argument("--check", action="store_true", help="assert the latency targets")
     args = ap.parse_args()
     if args.check:
         check(args.queries, args.seed)
+        return
+    if args.drift:
+        records, rules, times = asyncio.run(drift_cost(args.drift))
+        best = min(times)
+        print(
+            f"drift check: {records:,} governance records, {rules:,} casbin rules: "
+            f"{best * 1e3:.0f} ms (best of {len(times)}: {', '.join(f'{t:.2f}' for t in times)} s)"
+            f", {records / best:,.0f} records/s"
+        )
         return
     if args.watcher:
         lat = asyncio.run(watcher_latency(args.watcher))
@@ -236,6 +251,56 @@ async def watcher_latency(changes: int) -> list[float]:
     finally:
         await engine.dispose()
     return out
+
+
+async def drift_cost(n: int, runs: int = 3) -> tuple[int, int, list[float]]:
+    """(governance records, casbin rules, seconds per run) of the drift check."""
+    from sqlalchemy import func, select
+
+    from audit.db import make_engine, make_sessionmaker, upgrade
+    from audit.models import LedgerRecord
+    from governance.drift import check_policy_drift
+    from governance.experts import sync_experts
+    from governance.identity import Identity
+    from governance.licenses import deny, grant_license, revoke_license
+    from governance.models import CasbinRule
+    from governance.principals import add_principal
+
+    folder = Path(tempfile.mkdtemp(prefix="flexgate-bench-"))
+    url = f"sqlite+aiosqlite:///{folder / 'bench.db'}"
+    await asyncio.to_thread(upgrade, url)
+    model = folder / "model"
+    model.mkdir()
+    (model / "experts.json").write_text(json.dumps({"experts": [{"id": e} for e in EXPERTS]}))
+    engine = make_engine(url)
+    sm = make_sessionmaker(engine)
+    op = Identity.operator()
+    try:
+        async with sm() as s:
+            await sync_experts(s, actor=op, model_dir=model)
+            for i in range(n):
+                await add_principal(
+                    s, actor=op, principal_id=f"app-{i}", roles=["application"],
+                    groups=[f"g{i % 50}"],
+                )  # fmt: skip
+                lic = await grant_license(
+                    s, actor=op, expert_id=EXPERTS[1 + i % 7], grantee=f"app-{i}",
+                    purposes=[PURPOSES[i % len(PURPOSES)]],
+                )  # fmt: skip
+                if i % 10 == 0:
+                    await revoke_license(s, actor=op, license_id=lic.id)
+                    await deny(s, actor=op, expert_id=EXPERTS[1 + i % 7], grantee=f"app-{i}")
+            records = (await s.execute(select(func.count()).select_from(LedgerRecord))).scalar()
+            rules = (await s.execute(select(func.count()).select_from(CasbinRule))).scalar()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            findings = await check_policy_drift(engine)
+            times.append(time.perf_counter() - t0)
+            assert all(f.ok for f in findings), findings
+    finally:
+        await engine.dispose()
+    return int(records or 0), int(rules or 0), times
 
 
 def check(queries: int, seed: int) -> None:
