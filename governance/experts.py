@@ -95,7 +95,8 @@ def public_expert_id(experts: Sequence[ModelExpert]) -> str:
 
 
 async def get_expert(session: AsyncSession, expert_id: str) -> Expert:
-    row: Expert | None = await fresh(session, Expert, expert_id)
+    """The registered expert; InvalidId for a malformed id (bad input, not "not found")."""
+    row: Expert | None = await fresh(session, Expert, check_id(expert_id, "expert id"))
     if row is None:
         raise UnknownExpert(f"unknown expert {expert_id!r}")
     return row

@@ -24,7 +24,8 @@ def require_admin(actor: Identity, what: str) -> None:
 
 
 async def get_principal(session: AsyncSession, principal_id: str) -> Principal:
-    row: Principal | None = await fresh(session, Principal, principal_id)
+    """The principal; InvalidId for a malformed id (bad input, not "not found")."""
+    row: Principal | None = await fresh(session, Principal, check_id(principal_id, "principal id"))
     if row is None:
         raise UnknownPrincipal(f"unknown principal {principal_id!r}")
     return row

@@ -84,6 +84,11 @@ BAD_INPUT: list[tuple[list[str], ExitCode, str]] = [
     (["licenses", "grant", "code", "group:"], USAGE, "invalid group"),
     (["licenses", "grant", "code", "role:wizard"], USAGE, "unknown role"),
     (["experts", "assign-owner", "code", "app-1"], USAGE, "lacks the data_owner role"),
+    (["experts", "withdraw", "a:b"], USAGE, "invalid expert id"),
+    (["experts", "assign-owner", "code", "*"], USAGE, "invalid principal id"),
+    (["keys", "create", "group:x"], USAGE, "invalid principal id"),
+    (["keys", "list", "a b"], USAGE, "invalid principal id"),
+    (["licenses", "list", "x" * 200], USAGE, "invalid expert id"),
     # not found, already there, in conflict with the state
     (["licenses", "grant", "nope", "app-1"], REFUSED, "unknown expert"),
     (["licenses", "grant", "code", "app-404"], REFUSED, "unknown principal"),
