@@ -17,4 +17,8 @@ and run one transaction each: change + Casbin rule + policy-version bump + ledge
 - manage: `principals`, `keys`, `experts` (registry, owners, withdraw/reinstate) and
   `licenses` (grant, revoke, deny, lift); `experts.ensure_registered(...)` at start-up.
 - errors: `errors.GovernanceError` subclasses carry a stable `code` for HTTP mapping.
+- drift: `drift.check_policy_drift(engine)` replays the governance ledger records and reports
+  every derived table (casbin_rule, principals, api_keys, experts, licenses, denials) that
+  no longer matches them; `audit verify` runs it (entry point group
+  `flexgate.derived_checks`).
 """
