@@ -14,7 +14,9 @@ the model processed for the request: all ``prompt_tokens`` prompt positions, and
 token that was fed back to produce the next one, i.e. ``completion_tokens - 1`` positions (the
 last generated token is never fed back; each generated token is produced by exactly one
 processed position). Without narrowing, the tokens of all experts sum to
-``(prompt_tokens + completion_tokens - 1) * num_layers * min(top_k, |allowed|)``. Experts that
+``(prompt_tokens + max(completion_tokens - 1, 0)) * num_layers * min(top_k, |allowed|)`` (a
+request with ``max_tokens == 0`` only scores its prompt). Log-probabilities
+(:mod:`engine.logprobs`) are read from the same logits and change no usage. Experts that
 were never allowed report ``(0, 0.0)``; an expert narrowed away mid-run keeps what it was used
 for before the narrowing and gains nothing after it.
 """
