@@ -23,6 +23,7 @@ __all__ = [
     "SamplingError",
     "SamplingParams",
     "TextDelta",
+    "TokenLogprob",
     "load_engine",
 ]
 
@@ -43,6 +44,7 @@ _EXPORTS = {
     "GenerationStream": "engine.scheduler",
     "TextDelta": "engine.generation",
     "Finished": "engine.generation",
+    "TokenLogprob": "engine.generation",
 }
 
 if TYPE_CHECKING:
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
         PromptError,
         SamplingError,
     )
-    from engine.generation import Finished, GenerationResult, TextDelta
+    from engine.generation import Finished, GenerationResult, TextDelta, TokenLogprob
     from engine.sampling import SamplingParams
     from engine.scheduler import GenerationStream
 
