@@ -144,7 +144,7 @@ async def _checkpoint_locked(session: AsyncSession, state: HeadState, signer: Si
         at = state.at
     unsigned = Checkpoint(state.seq, state.frontier.root().hex(), at, signer.key_id, "")
     cp = replace(unsigned, signature=signer.sign(unsigned.signed_message()))
-    await append_locked(session, state, [prepare(CHECKPOINT, None, cp.as_dict())])
+    await append_locked(session, state, [prepare(CHECKPOINT, None, cp.as_dict(), _signer=True)])
     await session.execute(insert(LedgerCheckpoint).values(**cp.as_dict()))
     return cp
 

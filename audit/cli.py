@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import click
 
-from audit import settings
 from audit.errors import DatabaseUnavailable, InvalidQuery, SchemaOutOfDate, SigningKeyError
+from contracts.settings import Settings
 
 T = TypeVar("T")
 
@@ -37,7 +37,7 @@ def upgrade(revision: str) -> None:
     from audit.db import upgrade as run_upgrade
 
     run_upgrade(None, revision)
-    click.echo(f"database at {revision} ({_redacted(settings.database_url())})")
+    click.echo(f"database at {revision} ({_redacted(Settings.from_env().database_url)})")
 
 
 @db.command()
@@ -292,7 +292,7 @@ async def _checkpoint_if_behind(session: Any, signer: Any) -> None:
 def _published_key() -> str | None:
     from audit.signing import PUBLIC_KEY_FILE
 
-    path = settings.flexgate_home() / PUBLIC_KEY_FILE
+    path = Settings.from_env().home / PUBLIC_KEY_FILE
     return path.read_text() if path.exists() else None
 
 
@@ -312,7 +312,7 @@ def checkpoint() -> None:
     _echo_json(
         {
             "checkpoint": cp.as_dict(),
-            "public_key_file": str(settings.flexgate_home() / PUBLIC_KEY_FILE),
+            "public_key_file": str(Settings.from_env().home / PUBLIC_KEY_FILE),
         }
     )
 

@@ -22,8 +22,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase
 
-from audit import settings
 from audit.errors import DatabaseUnavailable, SchemaOutOfDate
+from contracts.settings import Settings
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -65,8 +65,8 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(url: str | None = None, **kwargs: Any) -> AsyncEngine:
-    """Create an async engine for `url` (default: settings.database_url())."""
-    url = url or settings.database_url()
+    """Create an async engine for `url` (default: Settings.from_env().database_url)."""
+    url = url or Settings.from_env().database_url
     if is_sqlite(url):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -120,7 +120,9 @@ def alembic_config(url: str | None = None) -> Any:
     root = Path(__file__).resolve().parent.parent
     cfg = Config(str(root / "alembic.ini"))
     cfg.set_main_option("script_location", str(root / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", (url or settings.database_url()).replace("%", "%%"))
+    cfg.set_main_option(
+        "sqlalchemy.url", (url or Settings.from_env().database_url).replace("%", "%%")
+    )
     return cfg
 
 

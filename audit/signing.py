@@ -23,8 +23,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from audit import settings
 from audit.errors import SigningKeyError
+from contracts.settings import Settings
 
 PRIVATE_KEY_FILE = "audit-signing-key.pem"
 PUBLIC_KEY_FILE = "audit-signing-key.pub.pem"
@@ -77,7 +77,7 @@ class Signer:
     def load_or_create(cls, home: Path | None = None) -> Signer:
         """The key in `home` (default FLEXGATE_HOME), created there with mode 0600 if absent;
         the public key file is (re)written beside it."""
-        home = home or settings.flexgate_home()
+        home = home or Settings.from_env().home
         path = home / PRIVATE_KEY_FILE
         try:
             home.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -103,7 +103,7 @@ def trusted_public_keys(
     """key_id -> key for the keys a verifier trusts: the public half of FLEXGATE_HOME's
     private key (or, on a machine without it, the published public key) and any given
     explicitly. Never creates a key."""
-    home = home or settings.flexgate_home()
+    home = home or Settings.from_env().home
     keys: dict[str, Ed25519PublicKey] = {}
     pub, priv = home / PUBLIC_KEY_FILE, home / PRIVATE_KEY_FILE
     if priv.exists():

@@ -54,7 +54,7 @@ from sqlalchemy import URL, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit import merkle
-from audit.canonical import canonical_json, stored_record_hash
+from audit.canonical import RECORD_DOMAIN, canonical_json, stored_record_hash
 from audit.checkpoints import Checkpoint, StoredTree
 from audit.db import db_errors
 from audit.errors import AuditError, InvalidQuery
@@ -463,6 +463,7 @@ class _Run:
         """Check one page; the hot loop (see the module docstring)."""
         sha = hashlib.sha256
         unhex = bytes.fromhex
+        domain = RECORD_DOMAIN
         nodes = self.frontier.nodes
         size = self.frontier.size
         prev, prev_at, expected = self.prev, self.prev_at, self.expected
@@ -489,7 +490,7 @@ class _Run:
                 else:
                     p = "null" if principal is None else f'"{principal}"'
                     computed = sha(
-                        f'{prev}{{"at":"{at}","id":"{rid}","kind":"{kind}",'
+                        f'{domain}{prev}{{"at":"{at}","id":"{rid}","kind":"{kind}",'
                         f'"payload":{payload},"principal":{p},"seq":{seq}}}'.encode()
                     ).hexdigest()
                 if computed != digest:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from audit.canonical import stored_record_hash
+from audit.canonical import RECORD_DOMAIN, stored_record_hash
 
 CHECKPOINT = "checkpoint"  # audit.ledger.CHECKPOINT (not imported: it pulls in SQLAlchemy)
 
@@ -140,6 +140,7 @@ class _Scan:
     def page(self, rows: Any, until: int) -> None:
         sha = hashlib.sha256
         unhex = bytes.fromhex
+        domain = RECORD_DOMAIN
         nodes, size, sizes, events = self.nodes, self.size, self.sizes, self.out.events
         prev, prev_at, expected, before = self.prev, self.prev_at, self.expected, self.before
         if prev is None and rows:
@@ -154,7 +155,7 @@ class _Scan:
             else:
                 p = "null" if principal is None else f'"{principal}"'
                 computed = sha(
-                    f'{prev}{{"at":"{at}","id":"{rid}","kind":"{kind}",'
+                    f'{domain}{prev}{{"at":"{at}","id":"{rid}","kind":"{kind}",'
                     f'"payload":{payload},"principal":{p},"seq":{seq}}}'.encode()
                 ).hexdigest()
             if computed != digest or at < prev_at:
