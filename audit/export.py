@@ -41,12 +41,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit import merkle
 from audit.canonical import canonical_json, format_time, json_string, record_hash
-from audit.checkpoints import Checkpoint, StoredTree, latest_checkpoint
+from audit.checkpoints import StoredTree, latest_checkpoint
 from audit.db import db_errors, translate_errors
 from audit.errors import InvalidQuery, SigningKeyError
+from audit.format import Checkpoint, key_id_of
 from audit.models import RECORD_COLUMNS, LedgerRecord
 from audit.query import parse_when
-from audit.signing import key_id_of, load_public_key, trusted_public_keys
+from audit.signing import load_public_key, trusted_public_keys
 
 ExportFormat = Literal["jsonl", "csv"]
 FORMATS = ("jsonl", "csv")

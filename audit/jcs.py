@@ -24,7 +24,7 @@ from typing import Any
 
 MAX_SAFE_INTEGER = 2**53 - 1
 
-_encode_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_encode_string = json.encoder.encode_basestring
 try:  # the C implementation, ~10x faster
     from _json import encode_basestring as _c_encode_string
 
@@ -83,7 +83,7 @@ def _string(value: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise JCSError("a string holds a lone surrogate (not a Unicode scalar value)") from None
-    return _encode_string(value)  # type: ignore[no-any-return]
+    return _encode_string(value)
 
 
 def _encode(value: Any, out: list[str]) -> None:

@@ -55,9 +55,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit import merkle
 from audit.canonical import RECORD_DOMAIN, canonical_json, stored_record_hash
-from audit.checkpoints import Checkpoint, StoredTree
+from audit.checkpoints import StoredTree
 from audit.db import db_errors
 from audit.errors import AuditError, InvalidQuery
+from audit.format import Checkpoint
 from audit.ledger import CHECKPOINT, HEAD_ID
 from audit.models import (
     GENESIS_HASH,

@@ -47,9 +47,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from audit.checkpoints import Checkpoint, create_checkpoint, latest_checkpoint, maybe_checkpoint
+from audit.checkpoints import create_checkpoint, latest_checkpoint, maybe_checkpoint
 from audit.db import SQLITE_PRAGMAS, make_sessionmaker, translate_errors
 from audit.errors import AuditError, DatabaseUnavailable
+from audit.format import Checkpoint
 from audit.ledger import (
     PG_APPEND_SQL,
     PG_LOCK_SQL,
