@@ -49,6 +49,7 @@ class Chunk:
     hi: int
     page: int
     nodes: tuple[bytes, ...] = ()
+    pins: tuple[int, ...] = ()  # sizes of checkpoints kept outside the database, in the chunk
 
 
 @dataclass(slots=True)
@@ -82,6 +83,7 @@ def _check_sqlite(chunk: Chunk) -> ChunkResult:
     db = sqlite3.connect(f"{Path(chunk.target).resolve().as_uri()}?mode=ro", uri=True)
     try:
         sizes = {r[0] for r in db.execute(_SQLITE_SIZES_SQL, (chunk.lo, chunk.hi))}
+        sizes.update(chunk.pins)
         scan = _Scan(chunk, sizes)
         for after in range(chunk.lo, chunk.hi, chunk.page):
             until = min(after + chunk.page, chunk.hi)
@@ -97,6 +99,7 @@ async def _check_pg(chunk: Chunk) -> ChunkResult:
     conn = await asyncpg.connect(chunk.target)
     try:
         sizes = {r[0] for r in await conn.fetch(_PG_SIZES_SQL, chunk.lo, chunk.hi)}
+        sizes.update(chunk.pins)
         scan = _Scan(chunk, sizes)
         after = chunk.lo
         pending = asyncio.ensure_future(
@@ -194,7 +197,7 @@ class _Scan:
         return out
 
 
-# --- the worker process: `python -m audit.verify_worker` ---
+# --- the worker process (`audit.verify.worker_command`: `python -I -c …`) ---
 #
 # Chunks arrive on stdin and results leave on stdout, each as a 4-byte big-endian length and a
 # pickle (between processes of this same code only). A plain interpreter running this module
