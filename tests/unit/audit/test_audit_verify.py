@@ -12,9 +12,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit import merkle
+from audit.anchor import Anchors
 from audit.canonical import canonical_json, stored_record_hash
 from audit.checkpoints import Checkpoint
-from audit.anchor import Anchors
 from audit.db import make_sessionmaker
 from audit.errors import InvalidQuery
 from audit.signing import Signer
