@@ -87,8 +87,7 @@ def upgrade() -> None:
             CREATE FUNCTION {table}_guard() RETURNS trigger AS $$
             BEGIN
                 {allowed.strip()}
-                RAISE EXCEPTION '%: % refused (derived from the ledger: appends and folds only '
-                    'move it forwards)', TG_TABLE_NAME, TG_OP;
+                RAISE EXCEPTION '%: % refused (derived from the ledger)', TG_TABLE_NAME, TG_OP;
             END;
             $$ LANGUAGE plpgsql
             """
