@@ -537,3 +537,35 @@ def test_directory_and_command_witnesses(
     assert [c.size for c in anchors.checkpoints({seeded.key_id: seeded.public_key})][-1] == cp[
         "size"
     ]
+
+
+def test_http_witness_receives_each_checkpoint(
+    seeded: Signer, tmp_path: Path, cli_run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real HTTP server on loopback; a failing one is reported, the checkpoint stands."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(204 if self.path == "/ok" else 500)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        monkeypatch.setenv("FLEXGATE_AUDIT_WITNESSES", f"{base}/ok,{base}/fail")
+        cp = _report(cli_run("audit", "checkpoint"))["checkpoint"]
+    finally:
+        server.shutdown()
+    assert [json.loads(b) for b in received] == [cp, cp]
+    assert any("HTTP" in e or "500" in e for e in anchor.health().witness_errors)
+    assert anchor.health().ok  # a witness failing does not make the ledger untrusted
