@@ -569,3 +569,22 @@ def test_http_witness_receives_each_checkpoint(
     assert [json.loads(b) for b in received] == [cp, cp]
     assert any("HTTP" in e or "500" in e for e in anchor.health().witness_errors)
     assert anchor.health().ok  # a witness failing does not make the ledger untrusted
+
+
+def test_private_files_and_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLEXGATE_HOME 0700, the SQLite file and the key files 0600 when FlexGate makes them; a
+    private key readable by others is an error (exit 3), never used."""
+    home = tmp_path / "fresh" / "home"
+    monkeypatch.setenv("FLEXGATE_HOME", str(home))
+    monkeypatch.setenv("FLEXGATE_DATABASE_URL", f"sqlite+aiosqlite:///{home / 'flexgate.db'}")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["db", "upgrade"]).exit_code == 0
+    assert runner.invoke(cli, ["audit", "checkpoint"]).exit_code == 0
+    mode = lambda p: oct(p.stat().st_mode & 0o777)  # noqa: E731
+    assert mode(home) == "0o700"
+    for name in ("flexgate.db", "audit-signing-key.pem", ANCHOR_FILE):
+        assert mode(home / name) == "0o600", name
+    (home / "audit-signing-key.pem").chmod(0o640)
+    for args in (["audit", "verify"], ["audit", "checkpoint"]):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 3 and "readable by others" in result.output, result.output
