@@ -132,6 +132,34 @@ def read_checkpoints(path: Path) -> list[Checkpoint]:
     return out
 
 
+TAIL = 1 << 16  # bytes read from the end of an anchor file for its last checkpoint
+
+
+def _last_checkpoint(path: Path) -> Checkpoint | None:
+    """The last complete checkpoint line of an anchor file (a torn last line is skipped)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - TAIL))
+            data = fh.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AnchorError(f"cannot read {path}: {exc}") from exc
+    lines = [line for line in data.split(b"\n") if line.strip()]
+    if size > TAIL and lines:
+        lines = lines[1:]  # the first may be cut by the seek
+    for number, line in enumerate(reversed(lines)):
+        try:
+            return Checkpoint.from_dict(json.loads(line))
+        except ValueError as exc:
+            if number == 0 and not data.endswith(b"\n"):
+                continue  # torn by a crash while appending
+            raise AnchorError(f"{path}: its last line is not a checkpoint: {exc}") from exc
+    return None
+
+
 def _append(path: Path, line: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -199,8 +227,24 @@ class Anchors:
         return [by_size[s] for s in sorted(by_size)]
 
     def latest(self, keys: Mapping[str, Ed25519PublicKey]) -> Checkpoint | None:
-        cps = self.checkpoints(keys)
-        return cps[-1] if cps else None
+        """The latest anchored checkpoint, from the last line of each source only (what the
+        signer needs before each checkpoint: constant cost however long the file grows)."""
+        best: Checkpoint | None = None
+        for source in self.sources():
+            cp = _last_checkpoint(source)
+            if cp is None:
+                continue
+            reason = cp.check_signature(keys)
+            if reason is not None:
+                raise AnchorError(f"{source}: {reason}")
+            if best is not None and cp.size == best.size and cp.root != best.root:
+                raise AnchorError(
+                    f"{source}: two checkpoints of size {cp.size} with different roots "
+                    "(the ledger forked)"
+                )
+            if best is None or cp.size > best.size:
+                best = cp
+        return best
 
     def write_genesis(self, sign: object) -> None:
         """Anchor the empty tree (when the signing key is made), if the file does not exist."""
