@@ -143,32 +143,57 @@ _dumps = json.JSONEncoder(
 ).encode
 
 
+def _float(value: float) -> float | int:
+    if value.is_integer() and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+        return int(value)
+    if 1e-4 <= abs(value) < 1e16:
+        return value
+    raise _Slow
+
+
 def _plain(value: Any) -> Any:
     """`value` with integral floats made ints, when `json.dumps(sort_keys=True)` then writes
     exactly JCS's bytes: member names ASCII (code-point order is UTF-16 order), other floats
     between 1e-4 and 1e16 (where Python's repr and ECMAScript agree digit for digit), ints
-    within I-JSON's range. Raises _Slow for anything else."""
+    within I-JSON's range. Raises _Slow for anything else. Scalars are checked inline (no
+    call per leaf): this runs for every appended record."""
     cls = value.__class__
     if cls is dict:
         out = None
         for name, item in value.items():
             if name.__class__ is not str or not name.isascii():
                 raise _Slow
-            new = _plain(item)
+            c = item.__class__
+            if c is str or item is None or c is bool:
+                continue
+            if c is int:
+                if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                    raise _Slow
+                continue
+            new = _float(item) if c is float else _plain(item)
             if new is not item:
                 if out is None:
                     out = dict(value)
                 out[name] = new
         return value if out is None else out
     if cls is list:
-        items = [_plain(item) for item in value]
-        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+        items = None
+        for i, item in enumerate(value):
+            c = item.__class__
+            if c is str or item is None or c is bool:
+                continue
+            if c is int:
+                if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                    raise _Slow
+                continue
+            new = _float(item) if c is float else _plain(item)
+            if new is not item:
+                if items is None:
+                    items = list(value)
+                items[i] = new
+        return value if items is None else items
     if cls is float:
-        if value.is_integer() and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
-            return int(value)
-        if 1e-4 <= abs(value) < 1e16:
-            return value
-        raise _Slow
+        return _float(value)
     if cls is int:
         if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
             return value
