@@ -65,6 +65,8 @@ def _migrate(work: Callable[[], None]) -> None:
         _fail(ExitCode.USAGE, str(exc))
     except LedgerDestructionRefused as exc:
         _fail(ExitCode.REFUSED, str(exc))
+    except RuntimeError as exc:  # a migration's own refusal (0001's consent, 0102's format)
+        _fail(ExitCode.REFUSED, str(exc))
     except (DatabaseUnavailable, SchemaOutOfDate) as exc:
         _fail(ExitCode.UNAVAILABLE, str(exc))
     except (OSError, ConnectionError) as exc:

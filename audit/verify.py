@@ -17,9 +17,9 @@ fields, the canonical body built by one f-string); `audit.canonical.record_hash`
 definition and a test holds them equal.
 
 With more than one worker (default: one per CPU, at most 8) and at least two chunks of
-records, the records are checked by worker processes (`python -m audit.verify_worker`, each
-with its own connection), in chunks of `chunk` records (a power of two, 32,768 by default)
-starting at multiples of it, so a chunk's Merkle subtrees are those of the whole tree. This
+records, the records are checked by worker processes (`audit.verify_worker`, started
+isolated by `worker_command`, each with its own connection), in chunks of `chunk` records (a
+power of two, 32,768 by default) starting at multiples of it, so a chunk's Merkle subtrees are those of the whole tree. This
 process takes the results in order and stitches them: each chunk's first prev_hash and time
 against the last of the chunk before, its checkpoints against the frontier before the chunk
 grown by the chunk's subtrees. Memory stays constant (a result is a few subtree hashes). A
@@ -247,7 +247,7 @@ def worker_command() -> list[str]:
 
 
 class _Workers:
-    """`n` worker processes (`python -m audit.verify_worker`) checking `tasks`; `next()`
+    """`n` worker processes (`worker_command()`) checking `tasks`; `next()`
     gives the results in the tasks' order. Each worker takes the next task when it is done
     with its last, so a slow chunk does not hold the others back."""
 

@@ -31,7 +31,10 @@ a background transaction of its own (one at a time), and once more on close.
 The writer also takes signed checkpoints every `checkpoint_every` records or
 `checkpoint_interval_s` seconds (decided under the head lock, so several processes sharing
 the database do not duplicate them), in a transaction of its own: a checkpoint failure is
-logged and never fails an append.
+logged and never fails an append. A checkpoint is signed only when the ledger provably
+extends the last one anchored outside the database, and anchored once it commits
+(`audit.anchor`); a refusal is logged as an error and turns `audit.anchor.health()`
+not-ready, while appends go on.
 """
 
 from __future__ import annotations
