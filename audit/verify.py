@@ -19,8 +19,8 @@ definition and a test holds them equal.
 With more than one worker (default: one per CPU, at most 8) and at least two chunks of
 records, the records are checked by worker processes (`audit.verify_worker`, started
 isolated by `worker_command`, each with its own connection), in chunks of `chunk` records (a
-power of two, 32,768 by default) starting at multiples of it, so a chunk's Merkle subtrees are those of the whole tree. This
-process takes the results in order and stitches them: each chunk's first prev_hash and time
+power of two, 32,768 by default) starting at multiples of it, so a chunk's Merkle subtrees
+are those of the whole tree. This process takes the results in order and stitches them: each chunk's first prev_hash and time
 against the last of the chunk before, its checkpoints against the frontier before the chunk
 grown by the chunk's subtrees. Memory stays constant (a result is a few subtree hashes). A
 chunk in which a worker saw a fault (or that a worker could not check) is checked again from
