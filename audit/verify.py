@@ -16,18 +16,18 @@ it checks. The inner loop is written for speed (locals, one escape check for all
 fields, the canonical body built by one f-string); `audit.canonical.record_hash` remains the
 definition and a test holds them equal.
 
-With more than one worker (default: one per CPU, at most 8) and at least two chunks of
-records, the records are checked by worker processes (`audit.verify_worker`, started
-isolated by `worker_command`, each with its own connection), in chunks of `chunk` records (a
-power of two, 32,768 by default) starting at multiples of it, so a chunk's Merkle subtrees
-are those of the whole tree. This process takes the results in order and stitches them: each chunk's first prev_hash and time
-against the last of the chunk before, its checkpoints against the frontier before the chunk
-grown by the chunk's subtrees. Memory stays constant (a result is a few subtree hashes). A
-chunk in which a worker saw a fault (or that a worker could not check) is checked again from
-its start in this process, page by page, so the first bad seq and the reason are those of a
-one-process run. SQLite files and PostgreSQL (asyncpg) are checked this way; an in-memory
-SQLite database, or fewer than two chunks of records, in this process alone. Measured over
-1 M records on a 2-CPU machine shared with the database server and other work: two workers
+With more than one worker (default: one per CPU, at most 8) and at least two chunks of records,
+the records are checked by worker processes (`audit.verify_worker`, started isolated by
+`worker_command`, each with its own connection), in chunks of `chunk` records (a power of two,
+32,768 by default) starting at multiples of it, so a chunk's Merkle subtrees are those of the
+whole tree. This process takes the results in order and stitches them: each chunk's first
+prev_hash and time against the last of the chunk before, its checkpoints against the frontier
+before the chunk grown by the chunk's subtrees. Memory stays constant (a result is a few subtree
+hashes). A chunk in which a worker saw a fault (or that a worker could not check) is checked
+again from its start in this process, page by page, so the first bad seq and the reason are
+those of a one-process run. SQLite files and PostgreSQL (asyncpg) are checked this way; an in-
+memory SQLite database, or fewer than two chunks of records, in this process alone. Measured
+over 1 M records on a 2-CPU machine shared with the database server and other work: two workers
 give 2.3x (SQLite) and 1.8x (PostgreSQL) the records/s of one process; three or four, no more
 than two (bench/audit.py --verify-workers).
 
