@@ -9,7 +9,13 @@ For each backend (SQLite file, PostgreSQL database `fg_bench_audit`, created and
   loaded in batches of 2,000 through `append_many` and covered by a signed checkpoint, with
   each of `--verify-workers` worker counts (default 1,2; 1 = one process), `--verify-runs`
   times each, interleaved; the verify column of the last table is the best of the last count;
-- latency of usage aggregation over those records (by expert, principal, day; median of 5).
+- latency of usage aggregation over those records (by expert, principal, day; median of 5);
+- the cost of the derived-state check (`audit.derived.check_usage_summary`: the usage summary
+  recomputed from every record and compared), median of 3, and of RFC 8785 canonical JSON
+  (`audit.jcs`) against `json.dumps(sort_keys=True)` per payload (median of 5 passes).
+
+Verification is timed without the derived check (`derived=False`), anchored to the
+benchmark's own FLEXGATE_HOME.
 
 Payloads are realistic inference payloads (`audit.inference.inference_payload`, ~800 bytes):
 50 principals, 8 experts, 3 purposes.
@@ -40,9 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import func, insert, select, text
 
+from audit.anchor import Anchors
 from audit.canonical import canonical_json, format_time
 from audit.checkpoints import create_checkpoint
 from audit.db import make_engine, make_sessionmaker, upgrade
+from audit.derived import check_usage_summary
 from audit.inference import inference_payload
 from audit.ledger import NewRecord, append_many
 from audit.models import LedgerRecord, LedgerUsage
@@ -185,7 +193,11 @@ async def bench_verify(url: str, home: Path, workers: int | None = None) -> tupl
         async with make_sessionmaker(engine)() as session:
             start = time.perf_counter()
             report = await verify(
-                session, public_keys={signer.key_id: signer.public_key}, workers=workers
+                session,
+                public_keys={signer.key_id: signer.public_key},
+                workers=workers,
+                anchors=Anchors(home),
+                derived=False,
             )
             elapsed = time.perf_counter() - start
         assert report.ok, report
@@ -204,6 +216,46 @@ async def bench_verify_modes(
         for w in workers:
             rates[w].append((await bench_verify(url, home, w))[0])
     return rates
+
+
+async def bench_derived(url: str) -> float:
+    """Seconds to recompute and compare the usage summary (median of 3)."""
+    engine = make_engine(url)
+    try:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            (finding,) = await check_usage_summary(engine)
+            times.append(time.perf_counter() - start)
+            assert finding.ok, finding
+        return statistics.median(times)
+    finally:
+        await engine.dispose()
+
+
+def bench_canonical(rows: list[tuple[str, dict[str, Any]]]) -> dict[str, float]:
+    """µs per payload: RFC 8785 (`canonical_json`) and sorted-keys `json.dumps`."""
+    import json
+
+    payloads = [p for _, p in rows[:5000]]
+    out: dict[str, float] = {}
+    for name, encode in (
+        ("jcs", canonical_json),
+        (
+            "json.dumps",
+            lambda p: json.dumps(
+                p, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+            ).encode(),
+        ),
+    ):
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for p in payloads:
+                encode(p)
+            times.append((time.perf_counter() - start) / len(payloads) * 1e6)
+        out[name] = statistics.median(times)
+    return out
 
 
 async def bench_usage(url: str) -> dict[str, Any]:
@@ -256,6 +308,8 @@ async def main() -> None:
         flush=True,
     )
     results: dict[str, dict[str, Any]] = {}
+    canonical = bench_canonical(rows)
+    print(f"canonical JSON µs/payload: {canonical}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for backend in args.backends.split(","):
@@ -287,6 +341,7 @@ async def main() -> None:
             r["verify"] = max(r["verify_modes"][verify_workers[-1]])
             if args.only in ("all", "ledger"):
                 r.update(await bench_usage(url))
+                r["derived_s"] = await bench_derived(url)
             print(backend, r, flush=True)
             results[backend] = r
             if backend == "postgresql":
@@ -317,16 +372,22 @@ async def main() -> None:
     print()
     print(
         "| backend | records | bulk load (records/s) | verify (records/s) "
-        "| usage by expert / principal / day (ms) | summary rows |"
+        "| usage by expert / principal / day (ms) | summary rows | derived check (s) |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for backend, r in results.items():
         if "verified" not in r:
             continue
         print(
             f"| {backend} | {r['verified']:,} | {r['load']:,.0f} | {r['verify']:,.0f} "
-            f"| {r['expert']:.1f} / {r['principal']:.1f} / {r['day']:.1f} | {r['summary_rows']:,} |"
+            f"| {r['expert']:.1f} / {r['principal']:.1f} / {r['day']:.1f} | {r['summary_rows']:,} "
+            f"| {r['derived_s']:.2f} |"
         )
+    print()
+    print(
+        f"canonical JSON per payload: RFC 8785 {canonical['jcs']:.1f} µs, "
+        f"json.dumps(sort_keys) {canonical['json.dumps']:.1f} µs"
+    )
 
 
 if __name__ == "__main__":

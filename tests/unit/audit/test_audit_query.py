@@ -132,3 +132,58 @@ async def test_page_shapes(ledger: AsyncEngine, sm: Any) -> None:
     assert last.records == [] and last.next_after is None
     record = page.as_dict()["records"][0]
     assert set(record) == {"seq", "id", "kind", "at", "principal", "payload", "prev_hash", "hash"}
+
+
+async def test_owner_scope_redacts_to_the_owners_experts(db_engine: AsyncEngine, sm: Any) -> None:
+    """Owner of `code` (and of `news`, never allowed): sees the inference records in which
+    `code` was allowed, only `code`'s and `news`'s status and usage, never text, the prompt
+    hash or another owner's expert; governance records about their experts whole; no others."""
+    from audit_helpers import inference
+
+    from audit.ledger import NewRecord
+
+    rows = [
+        NewRecord("inference", "app-1", inference(0, prompt="secret text", completion="secret")),
+        NewRecord(
+            "inference",
+            "app-1",
+            inference(
+                1,
+                experts_allowed=["public"],
+                experts_excluded={"code": "no-license", "news": "no-license"},
+            ),
+        ),
+        NewRecord("license.granted", "owner-1", {"expert": "code", "grantee": "app-1"}),
+        NewRecord("license.granted", "owner-2", {"expert": "math", "grantee": "app-1"}),
+        NewRecord("inference.started", "app-2", {"experts_allowed": ["code"], "request_id": "r"}),
+        NewRecord("principal.created", "admin", {"id": "app-9"}),
+    ]
+    async with sm.begin() as s:
+        await append_many(s, rows)
+    scope = ["code", "news"]
+    async with sm() as s:
+        page = await query_records(s, RecordQuery.from_params({}, scope_experts=scope))
+        one = await get_record(s, 1, scope_experts=scope)
+        hidden = await get_record(s, 2, scope_experts=scope)
+        other = await get_record(s, 4, scope_experts=scope)
+        none = await query_records(s, RecordQuery.from_params({}, scope_experts=[]))
+    assert [r.seq for r in page.records] == [1, 3, 5]
+    assert hidden is None and other is None and none.records == []
+    assert one is not None and one.payload == {
+        "redacted": True,
+        "purpose": "research",
+        "status": "ok",
+        "experts": {
+            "code": {"allowed": True, "excluded": None, "tokens": 4, "weight": 1.25},
+            "news": {"allowed": False, "excluded": "no-license", "tokens": 0, "weight": 0.0},
+        },
+    }
+    text = repr([r.as_dict() for r in page.records])
+    for secret in ("secret", "prompt_sha256", "public", "math", "request_id"):
+        assert secret not in text
+    assert page.records[1].payload == {"expert": "code", "grantee": "app-1"}  # governance, whole
+    assert page.records[2].payload["experts"] == {
+        "code": {"allowed": True, "excluded": None, "tokens": 0, "weight": 0.0}
+    }
+    with pytest.raises(InvalidQuery):
+        RecordQuery(scope_experts="code")  # type: ignore[arg-type]
