@@ -180,3 +180,18 @@ def test_entry_point_names_this_function() -> None:
     target = project["project"]["entry-points"]["flexgate.derived_checks"]["governance-policy"]
     module, attr = target.split(":")
     assert getattr(import_module(module), attr) is check_policy_drift
+
+
+async def test_audit_verify_discovers_this_check(world: World, db_engine: AsyncEngine) -> None:
+    """What `flexgate audit verify` runs: audit's own checks, then every installed plugin,
+    found through the entry point (not imported by name)."""
+    from audit.derived import check_derived, plugin_checks
+
+    assert ("governance-policy", check_policy_drift) in plugin_checks()
+    ids = await _busy_history(world)
+    clean = await check_derived(db_engine)
+    assert {f.table for f in clean} >= {"ledger_usage", "casbin_rule", "licenses"}
+    assert all(f.ok for f in clean), clean
+    await _added_grant(db_engine, ids)
+    findings = _by_table(await check_derived(db_engine))
+    assert not findings["casbin_rule"].ok
