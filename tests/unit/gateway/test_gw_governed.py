@@ -147,18 +147,20 @@ async def test_withdrawal_during_a_stream_applies_from_the_next_token(
     body = completion(prompt="The", max_tokens=900, stream=True)
     chunks: list[Any] = []
     withdrawn = False
-    async with httpx.AsyncClient(base_url=gw_live.base_url, timeout=60) as client:
-        async with client.stream(
+    async with (
+        httpx.AsyncClient(base_url=gw_live.base_url, timeout=60) as client,
+        client.stream(
             "POST", "/v1/completions", json=body, headers=gw_world.headers("application")
-        ) as r:
-            assert r.status_code == 200
-            started_seq = int(r.headers["x-flexgate-audit-started-seq"])
-            async for chunk in _sse(r):
-                chunks.append(chunk)
-                if not withdrawn and len(chunks) >= 3:
-                    async with gw_world.sm() as s:
-                        await withdraw_expert(s, actor=OWNER_CODE, expert_id="code")
-                    withdrawn = True
+        ) as r,
+    ):
+        assert r.status_code == 200
+        started_seq = int(r.headers["x-flexgate-audit-started-seq"])
+        async for chunk in _sse(r):
+            chunks.append(chunk)
+            if not withdrawn and len(chunks) >= 3:
+                async with gw_world.sm() as s:
+                    await withdraw_expert(s, actor=OWNER_CODE, expert_id="code")
+                withdrawn = True
     assert chunks[-1] is None  # [DONE]
     final = chunks[-2]
     fg = final["flexgate"]
@@ -185,16 +187,18 @@ async def test_client_disconnect_mid_stream_records_cancelled(gw_live: Any, gw_w
     import asyncio
 
     body = completion(prompt="The", max_tokens=900, stream=True)
-    async with httpx.AsyncClient(base_url=gw_live.base_url, timeout=60) as client:
-        async with client.stream(
+    async with (
+        httpx.AsyncClient(base_url=gw_live.base_url, timeout=60) as client,
+        client.stream(
             "POST", "/v1/completions", json=body, headers=gw_world.headers("application")
-        ) as r:
-            started_seq = int(r.headers["x-flexgate-audit-started-seq"])
-            n = 0
-            async for _chunk in _sse(r):
-                n += 1
-                if n >= 3:
-                    break
+        ) as r,
+    ):
+        started_seq = int(r.headers["x-flexgate-audit-started-seq"])
+        n = 0
+        async for _chunk in _sse(r):
+            n += 1
+            if n >= 3:
+                break
     for _ in range(200):
         ended = [
             e
