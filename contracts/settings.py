@@ -72,6 +72,12 @@ class Settings:
     audit_checkpoint_every: int = 1000
     audit_checkpoint_seconds: float = 60.0
     otel_endpoint: str | None = None
+    # Per-key limits (gateway.limits): server-wide defaults for keys without their own;
+    # 0 = that limit is off.
+    rate_rpm: int = 600
+    rate_tpm: int = 1_000_000
+    rate_max_parallel: int = 32
+    rate_lease_seconds: float = 900.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -90,6 +96,10 @@ class Settings:
             audit_checkpoint_every=_int(env, "FLEXGATE_AUDIT_CHECKPOINT_EVERY", 1000, minimum=1),
             audit_checkpoint_seconds=_float(env, "FLEXGATE_AUDIT_CHECKPOINT_SECONDS", 60.0),
             otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+            rate_rpm=_int(env, "FLEXGATE_RATE_RPM", 600),
+            rate_tpm=_int(env, "FLEXGATE_RATE_TPM", 1_000_000),
+            rate_max_parallel=_int(env, "FLEXGATE_RATE_MAX_PARALLEL", 32),
+            rate_lease_seconds=_float(env, "FLEXGATE_RATE_LEASE_SECONDS", 900.0, minimum=1.0),
         )
 
 
