@@ -72,12 +72,25 @@ class Settings:
     audit_checkpoint_every: int = 1000
     audit_checkpoint_seconds: float = 60.0
     otel_endpoint: str | None = None
+    model_name: str | None = None
+    """The served model's id in the OpenAI API (FLEXGATE_MODEL_NAME); None: the folder name."""
+    device: str = "cpu"
+    """Where the engine places the model (FLEXGATE_DEVICE: `cpu`, `auto`, `cuda:0`, ...)."""
+    max_body_bytes: int = 1_048_576
+    """Largest request body the gateway reads (FLEXGATE_MAX_BODY_BYTES); larger is a 413."""
+    policy_poll_s: float = 0.25
+    """How often a worker checks the policy version for running streams
+    (FLEXGATE_POLICY_POLL_SECONDS)."""
     # Per-key limits (gateway.limits): server-wide defaults for keys without their own;
     # 0 = that limit is off.
     rate_rpm: int = 600
     rate_tpm: int = 1_000_000
     rate_max_parallel: int = 32
     rate_lease_seconds: float = 900.0
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or self.model_dir.name
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -96,6 +109,10 @@ class Settings:
             audit_checkpoint_every=_int(env, "FLEXGATE_AUDIT_CHECKPOINT_EVERY", 1000, minimum=1),
             audit_checkpoint_seconds=_float(env, "FLEXGATE_AUDIT_CHECKPOINT_SECONDS", 60.0),
             otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+            model_name=(env.get("FLEXGATE_MODEL_NAME") or "").strip() or None,
+            device=(env.get("FLEXGATE_DEVICE") or "").strip() or "cpu",
+            max_body_bytes=_int(env, "FLEXGATE_MAX_BODY_BYTES", 1_048_576, minimum=1024),
+            policy_poll_s=_float(env, "FLEXGATE_POLICY_POLL_SECONDS", 0.25, minimum=0.01),
             rate_rpm=_int(env, "FLEXGATE_RATE_RPM", 600),
             rate_tpm=_int(env, "FLEXGATE_RATE_TPM", 1_000_000),
             rate_max_parallel=_int(env, "FLEXGATE_RATE_MAX_PARALLEL", 32),

@@ -1,0 +1,58 @@
+"""The app factory: `create_app(settings) -> Litestar`.
+
+Everything a worker serves is assembled here and nowhere else: controllers, the bearer
+middleware, the one route-policy guard, exception handlers (OpenAI error shape), app-wide
+dependency providers, the lifespan and the OpenAPI schema at /schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+
+from contracts.settings import Settings
+from contracts.settings import settings as current_settings
+from gateway.auth import auth_middleware
+from gateway.controllers import CONTROLLERS
+from gateway.deps import DEPENDENCIES
+from gateway.errors import EXCEPTION_HANDLERS
+from gateway.guards import route_policy
+from gateway.lifespan import lifespan
+from gateway.request_ids import request_id_middleware
+
+
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="FlexGate",
+        version="0.1.0",
+        description=(
+            "OpenAI-compatible inference under data-owner control: every request runs with "
+            "exactly the experts its caller is licensed to use, and is recorded in a "
+            "tamper-evident ledger."
+        ),
+        path="/schema",
+        render_plugins=[JsonRenderPlugin()],
+    )
+
+
+def create_app(settings: Settings | None = None, *, engine: Any = None) -> Litestar:
+    """A FlexGate worker. `engine`: an already-loaded engine.Engine (tests), else the
+    lifespan loads `settings.model_dir` off the event loop."""
+    settings = settings or current_settings()
+    state = State({"settings": settings, "injected_engine": engine, "ready": False})
+    return Litestar(
+        route_handlers=list(CONTROLLERS),
+        middleware=[request_id_middleware, auth_middleware()],
+        guards=[route_policy],
+        dependencies=DEPENDENCIES,
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=[lifespan],
+        state=state,
+        openapi_config=openapi_config(),
+        request_max_body_size=settings.max_body_bytes,
+        debug=False,
+    )

@@ -1,0 +1,9 @@
+"""Every controller of the API; add yours to CONTROLLERS (one line)."""
+
+from __future__ import annotations
+
+from litestar import Controller
+
+from gateway.controllers.health import HealthController
+
+CONTROLLERS: list[type[Controller]] = [HealthController]
