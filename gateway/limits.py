@@ -41,6 +41,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from audit.db import Base, is_sqlite, make_engine, make_sessionmaker
 from contracts.settings import Settings
+from gateway.errors import RATE_LIMIT, ApiError
 from governance.identity import Identity
 from governance.key_limits import KeyLimit
 
@@ -112,15 +113,12 @@ def _headers(limits: EffectiveLimits, requests: float, tokens: float) -> dict[st
     return out
 
 
-class RateLimited(Exception):
-    """A request over one of its key's limits (HTTP 429 with Retry-After).
+class RateLimited(ApiError):
+    """A request over one of its key's limits: HTTP 429 with Retry-After and x-ratelimit-*.
 
     `limit` is "requests", "tokens" or "parallel"; `retry_after` whole seconds (None: the
     request can never pass, it asks for more tokens than a minute holds).
     """
-
-    status_code = 429
-    code = "rate_limit_exceeded"
 
     def __init__(
         self,
@@ -130,17 +128,19 @@ class RateLimited(Exception):
         retry_after: int | None,
         headers: Mapping[str, str],
     ) -> None:
-        super().__init__(message)
-        self.message = message
+        out = dict(headers)
+        if retry_after is not None:
+            out["Retry-After"] = str(retry_after)
+        super().__init__(
+            429,
+            message,
+            type=RATE_LIMIT,
+            code="rate_limit_exceeded" if retry_after is not None else "request_too_large",
+            param="max_tokens" if retry_after is None else None,
+            headers=out,
+        )
         self.limit = limit
         self.retry_after = retry_after
-        self._headers = dict(headers)
-
-    def headers(self) -> dict[str, str]:
-        out = dict(self._headers)
-        if self.retry_after is not None:
-            out["Retry-After"] = str(self.retry_after)
-        return out
 
 
 @dataclass

@@ -216,15 +216,16 @@ class TelemetryMiddleware:
     """ASGI middleware: one server span per HTTP request, continuing the caller's trace.
 
     Named `METHOD /route/{template}` (low cardinality), with the HTTP semantic-convention
-    attributes and the response status; 5xx marks the span as an error.
+    attributes and the response status; 5xx marks the span as an error. The Telemetry object
+    is the app's (`app.state.telemetry`, set by the runtime lifespan), looked up per request.
     """
 
-    def __init__(self, app: Any, telemetry: Telemetry) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.telemetry = telemetry
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        telemetry = scope["app"].state.get("telemetry") if "app" in scope else None
+        if scope["type"] != "http" or telemetry is None:
             await self.app(scope, receive, send)
             return
         carrier = {
@@ -243,7 +244,7 @@ class TelemetryMiddleware:
             await send(message)
 
         started = time.perf_counter()
-        with self.telemetry.tracer.start_as_current_span(
+        with telemetry.tracer.start_as_current_span(
             f"{method} {route}",
             context=parent,
             kind=SpanKind.SERVER,
@@ -263,20 +264,10 @@ class TelemetryMiddleware:
                     span.set_status(Status(StatusCode.ERROR))
 
 
-def telemetry_middleware(telemetry: Telemetry) -> Any:
-    """A Litestar middleware factory (`middleware=[telemetry_middleware(t)]`)."""
-
-    def factory(app: Any) -> Any:
-        return TelemetryMiddleware(app, telemetry)
-
-    return factory
-
-
 __all__ = [
     "OPERATIONS",
     "PROMETHEUS_CONTENT_TYPE",
     "Telemetry",
     "TelemetryMiddleware",
     "current_trace_id",
-    "telemetry_middleware",
 ]
