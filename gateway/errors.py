@@ -9,6 +9,7 @@ Add a mapping for a new error class to the tables here, not a handler of its own
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,10 @@ CONFLICT = "conflict_error"
 RATE_LIMIT = "rate_limit_error"
 UNAVAILABLE = "service_unavailable_error"
 SERVER = "server_error"
+
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+_AT_PATH = re.compile(r"at `\$\.([^`]+)`")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
 
 GENERIC_AUTH_MESSAGE = "invalid or missing credential: send `Authorization: Bearer <key or JWT>`"
 
@@ -139,6 +144,22 @@ def _response(
     )
 
 
+def decode_error(exc: Exception) -> ApiError:
+    """A msgspec decode/validation error as a 400 naming the field (`at `$.stop``)."""
+    message = str(exc)
+    unknown = _UNKNOWN_FIELD.search(message)
+    if unknown:
+        return bad_request(
+            f"unknown parameter `{unknown.group(1)}`", unknown.group(1), "invalid_request"
+        )
+    path = _AT_PATH.search(message)
+    param = path.group(1) if path else None
+    missing = _MISSING.search(message)
+    if missing:
+        param = (param + "." if param else "") + missing.group(1)
+    return bad_request(message, param, "invalid_request")
+
+
 def _validation_param(exc: ValidationException) -> tuple[str, str | None]:
     """Message and offending field of a Litestar/msgspec validation error."""
     extra = exc.extra
@@ -146,7 +167,10 @@ def _validation_param(exc: ValidationException) -> tuple[str, str | None]:
         first = extra[0]
         key = first.get("key")
         message = str(first.get("message") or exc.detail)
-        if isinstance(key, str) and key:
+        unknown = _UNKNOWN_FIELD.search(message)
+        if unknown:
+            return f"unknown parameter `{unknown.group(1)}`", unknown.group(1)
+        if isinstance(key, str) and key and key != "data":
             # msgspec says "at `$.messages[0].role`"; the key is already the field path
             return f"invalid value for `{key}`: {message}", key
         return message, None
