@@ -26,6 +26,7 @@ from audit.verify import verify
 from contracts.settings import Settings
 from gateway.schemas.audit import (
     CheckpointOut,
+    DerivedOut,
     LatestCheckpointOut,
     ProofOut,
     RecordOut,
@@ -135,7 +136,9 @@ class AuditController(Controller):
     @get("/verify", summary="Verify the whole chain and every checkpoint")
     async def verify_chain(self, db_session: AsyncSession, settings: Settings) -> VerifyOut:
         report = await verify(db_session, public_keys=trusted_public_keys(settings.home))
-        return VerifyOut(**report.as_dict())
+        body = report.as_dict()
+        body["derived"] = [DerivedOut(**d) for d in body.get("derived", [])]
+        return VerifyOut(**body)
 
     @get("/usage", summary="Expert usage by expert, principal or day")
     async def usage(
