@@ -61,6 +61,25 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
 
+WITNESS_SCHEMES = ("dir:", "cmd:", "http://", "https://")
+
+
+def _witnesses(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated witness locations, each `dir:PATH`, `cmd:PROGRAM [ARGS]` or a URL."""
+    items = _list(env, name)
+    for item in items:
+        if not item.startswith(WITNESS_SCHEMES) or item.rstrip(":/") in (
+            "dir",
+            "cmd",
+            "http:",
+            "https:",
+        ):
+            raise SettingsError(
+                f"{name}: {item!r} is not dir:PATH, cmd:PROGRAM [ARGS], http://… or https://…"
+            )
+    return items
+
+
 @dataclass(frozen=True)
 class Settings:
     """Process-wide configuration; see `from_env` for the variable of each field."""
@@ -71,6 +90,11 @@ class Settings:
     audit_store_text: bool = False
     audit_checkpoint_every: int = 1000
     audit_checkpoint_seconds: float = 60.0
+    audit_witnesses: tuple[str, ...] = ()
+    """Where each signed checkpoint is also sent (docs/audit.md, "Anchors and witnesses"):
+    `dir:PATH` (appended to PATH/flexgate-anchor.jsonl), `cmd:PROGRAM [ARGS]` (run with the
+    checkpoint on stdin; exit 0 accepts it), or an `http://` / `https://` URL (POSTed)."""
+    audit_witness_timeout_s: float = 10.0
     otel_endpoint: str | None = None
     model_name: str | None = None
     """The served model's id in the OpenAI API (FLEXGATE_MODEL_NAME); None: the folder name."""
@@ -81,6 +105,12 @@ class Settings:
     policy_poll_s: float = 0.25
     """How often a worker checks the policy version for running streams
     (FLEXGATE_POLICY_POLL_SECONDS)."""
+    # Per-key limits (gateway.limits): server-wide defaults for keys without their own;
+    # 0 = that limit is off.
+    rate_rpm: int = 600
+    rate_tpm: int = 1_000_000
+    rate_max_parallel: int = 32
+    rate_lease_seconds: float = 900.0
 
     @property
     def served_model_name(self) -> str:
@@ -102,11 +132,17 @@ class Settings:
             audit_store_text=_bool(env, "FLEXGATE_AUDIT_STORE_TEXT"),
             audit_checkpoint_every=_int(env, "FLEXGATE_AUDIT_CHECKPOINT_EVERY", 1000, minimum=1),
             audit_checkpoint_seconds=_float(env, "FLEXGATE_AUDIT_CHECKPOINT_SECONDS", 60.0),
+            audit_witnesses=_witnesses(env, "FLEXGATE_AUDIT_WITNESSES"),
+            audit_witness_timeout_s=_float(env, "FLEXGATE_AUDIT_WITNESS_TIMEOUT_S", 10.0),
             otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
             model_name=(env.get("FLEXGATE_MODEL_NAME") or "").strip() or None,
             device=(env.get("FLEXGATE_DEVICE") or "").strip() or "cpu",
             max_body_bytes=_int(env, "FLEXGATE_MAX_BODY_BYTES", 1_048_576, minimum=1024),
             policy_poll_s=_float(env, "FLEXGATE_POLICY_POLL_SECONDS", 0.25, minimum=0.01),
+            rate_rpm=_int(env, "FLEXGATE_RATE_RPM", 600),
+            rate_tpm=_int(env, "FLEXGATE_RATE_TPM", 1_000_000),
+            rate_max_parallel=_int(env, "FLEXGATE_RATE_MAX_PARALLEL", 32),
+            rate_lease_seconds=_float(env, "FLEXGATE_RATE_LEASE_SECONDS", 900.0, minimum=1.0),
         )
 
 
