@@ -13,6 +13,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 
 from contracts.settings import Settings
 from contracts.settings import settings as current_settings
@@ -37,6 +38,16 @@ def openapi_config() -> OpenAPIConfig:
             "tamper-evident ledger."
         ),
         path="/schema",
+        components=Components(
+            security_schemes={
+                "bearer": SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    description="an API key (`fg_…`) or, when OIDC is configured, a JWT",
+                )
+            }
+        ),
+        security=[{"bearer": []}],
         render_plugins=[JsonRenderPlugin()],
     )
 
