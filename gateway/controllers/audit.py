@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from audit import checkpoints as cps
 from audit.errors import InvalidQuery
 from audit.export import export_lines
+from audit.format import Checkpoint
 from audit.query import QUERY_PARAMS, RecordQuery, get_record, query_records, usage
 from audit.signing import public_key_pem, trusted_public_keys
 from audit.verify import verify
@@ -67,7 +68,7 @@ def record_out(entry: Any) -> RecordOut:
     return RecordOut(**entry.as_dict())
 
 
-def checkpoint_out(cp: cps.Checkpoint) -> CheckpointOut:
+def checkpoint_out(cp: Checkpoint) -> CheckpointOut:
     return CheckpointOut(**cp.as_dict())
 
 
