@@ -25,8 +25,8 @@ from gateway.errors import EXCEPTION_HANDLERS
 from gateway.guards import route_policy
 from gateway.lifespan import lifespan
 from gateway.request_ids import request_id_middleware
-from gateway.schemas.openai import ErrorResponse
 from gateway.runtime import runtime_lifespan
+from gateway.schemas.openai import ErrorResponse
 from gateway.telemetry import TelemetryMiddleware
 
 
