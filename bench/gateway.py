@@ -343,9 +343,12 @@ async def part2(args: argparse.Namespace, db_url: str, home: Path, model_dir: Pa
         nonlocal killed
         await asyncio.sleep(args.kill_seconds / 2)
         children = _children(proc.pid)
+        print(f"workers before the kill: {children}", file=sys.stderr)
         if children:
             killed = children[0]
             os.kill(killed, signal.SIGKILL)
+        await asyncio.sleep(5)
+        print(f"workers 5 s after: {_children(proc.pid)}", file=sys.stderr)
 
     headers = {"Authorization": f"Bearer {keys['kill-app']}"}
     try:
@@ -417,6 +420,8 @@ def _engine_bench_sizes() -> dict[str, dict[str, Any]]:
 
 
 def _children(pid: int) -> list[int]:
+    """The worker processes of a `flexgate serve --workers N` supervisor (not the helper
+    processes multiprocessing starts beside them, such as its resource tracker)."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -426,7 +431,13 @@ def _children(pid: int) -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
+        if ppid != pid:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline:
             out.append(int(entry.name))
     return sorted(out)
 
