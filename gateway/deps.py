@@ -44,6 +44,9 @@ async def provide_snapshot(state: State, db_session: AsyncSession) -> PolicySnap
     try:
         async with translate_errors():
             snapshot: PolicySnapshot = await state.policy.snapshot(db_session)
+            # End the read transaction: its pooled connection goes back now instead of being
+            # held for the whole generation (32 concurrent streams exhausted the pool).
+            await db_session.commit()
             return snapshot
     except Exception as exc:  # fail closed: whatever stops the policy loading stops the request
         log.error("policy snapshot failed: %s", exc)
