@@ -72,8 +72,16 @@ def make_engine(url: str | None = None, **kwargs: Any) -> AsyncEngine:
     if is_sqlite(url):
         path = url.split("///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:":
+            file = Path(path)
             try:
-                create_private_file(Path(path))
+                file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as exc:
+                raise DatabaseUnavailable(
+                    f"cannot create the database file {file}: its folder {file.parent} cannot "
+                    f"be created ({exc.strerror or exc})"
+                ) from exc
+            try:
+                create_private_file(file)
             except OSError as exc:
                 raise DatabaseUnavailable(f"cannot create the database file: {exc}") from exc
         engine = create_async_engine(url, **kwargs)

@@ -103,6 +103,25 @@ class Settings:
     JWKS are all set."""
     oidc_principal_claim: str = "sub"
     oidc_roles_claim: str = "roles"
+    model_name: str | None = None
+    """The served model's id in the OpenAI API (FLEXGATE_MODEL_NAME); None: the folder name."""
+    device: str = "cpu"
+    """Where the engine places the model (FLEXGATE_DEVICE: `cpu`, `auto`, `cuda:0`, ...)."""
+    max_body_bytes: int = 1_048_576
+    """Largest request body the gateway reads (FLEXGATE_MAX_BODY_BYTES); larger is a 413."""
+    policy_poll_s: float = 0.25
+    """How often a worker checks the policy version for running streams
+    (FLEXGATE_POLICY_POLL_SECONDS)."""
+    # Per-key limits (gateway.limits): server-wide defaults for keys without their own;
+    # 0 = that limit is off.
+    rate_rpm: int = 600
+    rate_tpm: int = 1_000_000
+    rate_max_parallel: int = 32
+    rate_lease_seconds: float = 900.0
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or self.model_dir.name
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -128,6 +147,14 @@ class Settings:
             oidc_jwks=env.get("FLEXGATE_OIDC_JWKS") or None,
             oidc_principal_claim=env.get("FLEXGATE_OIDC_PRINCIPAL_CLAIM") or "sub",
             oidc_roles_claim=env.get("FLEXGATE_OIDC_ROLES_CLAIM") or "roles",
+            model_name=(env.get("FLEXGATE_MODEL_NAME") or "").strip() or None,
+            device=(env.get("FLEXGATE_DEVICE") or "").strip() or "cpu",
+            max_body_bytes=_int(env, "FLEXGATE_MAX_BODY_BYTES", 1_048_576, minimum=1024),
+            policy_poll_s=_float(env, "FLEXGATE_POLICY_POLL_SECONDS", 0.25, minimum=0.01),
+            rate_rpm=_int(env, "FLEXGATE_RATE_RPM", 600),
+            rate_tpm=_int(env, "FLEXGATE_RATE_TPM", 1_000_000),
+            rate_max_parallel=_int(env, "FLEXGATE_RATE_MAX_PARALLEL", 32),
+            rate_lease_seconds=_float(env, "FLEXGATE_RATE_LEASE_SECONDS", 900.0, minimum=1.0),
         )
 
 

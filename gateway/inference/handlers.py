@@ -1,0 +1,99 @@
+"""The inference flow of one OpenAI request, shared by /v1/completions and /chat/completions.
+
+plan (400/404, no compute) -> admission (400/403) -> engine -> ledger (503 if it fails, and
+then no text) -> response with the `flexgate` block, X-FlexGate-Audit-Seq and X-Request-Id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+from litestar import Request, Response
+from litestar.response import Stream
+
+from gateway.errors import bad_request, decode_error, request_id_of
+from gateway.inference.admission import admit
+from gateway.inference.openai_format import chat_response, completion_response, response_headers
+from gateway.inference.params import Plan
+from gateway.inference.prompts import Tokenizer
+from gateway.inference.run import Run
+from gateway.inference.streaming import sse_stream
+from gateway.limits import RateLimited
+from gateway.request_ids import new_request_id
+from governance.identity import Identity
+from governance.store import PolicySnapshot
+
+T = TypeVar("T")
+
+
+async def strict_body(request: Request[Any, Any, Any], kind: type[T]) -> T:
+    """The body decoded strictly (Litestar's own parse, which documents the schema, coerces
+    "4" to 4; a wrong type must be a 400 naming the field)."""
+    try:
+        return msgspec.json.decode(await request.body(), type=kind, strict=True)
+    except msgspec.ValidationError as exc:
+        raise decode_error(exc) from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"the body is not valid JSON: {exc}") from None
+
+
+def tokenizer_of(state: Any) -> Tokenizer:
+    tk: Tokenizer = state.tokenizer
+    return tk
+
+
+async def serve(
+    request: Request[Any, Any, Any],
+    identity: Identity,
+    snapshot: PolicySnapshot,
+    make_plan: Callable[[Tokenizer, str], Plan],
+) -> Response[Any]:
+    state = request.app.state
+    tk = tokenizer_of(state)
+    plan = make_plan(tk, state.model_name)
+    telemetry = state.telemetry
+    with telemetry.span("policy", **{"flexgate.purpose": plan.purpose}):
+        admission = admit(snapshot, identity, plan)
+    request_id = request_id_of(request) or new_request_id()
+    try:
+        rate = await state.limiter.admit(identity, identity.key_id, estimated_tokens(plan))
+    except RateLimited as exc:
+        telemetry.record_rejection(exc.limit, identity.key_id)
+        raise
+    run = Run(state, plan, admission, identity, request_id, rate=rate)
+    try:
+        if plan.stream:
+            await run.start_stream()
+            assert run.started is not None
+            return Stream(
+                sse_stream(run, tk),
+                media_type="text/event-stream",
+                headers={
+                    "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no",
+                    "X-FlexGate-Audit-Started-Seq": str(run.started.seq),
+                    **rate.headers(),
+                },
+            )
+        run.submit()
+        try:
+            results = await run.collect()
+            record = await run.finish()
+        except BaseException:
+            run.abandon()
+            raise
+    except BaseException:
+        if run.group is None:  # nothing ran: give the tokens back (the run releases otherwise)
+            await rate.release(0)
+        raise
+    build = chat_response if plan.chat else completion_response
+    body = build(state, tk, plan, request_id, admission, results, record)
+    return Response(body, headers={**response_headers(record, request_id), **rate.headers()})
+
+
+def estimated_tokens(plan: Plan) -> int:
+    """What a request may use at most, for the tokens-per-minute bucket: every prompt token
+    once, and max_tokens for each of its rows (settled with the real count at its end)."""
+    return sum(len(p.ids) for p in plan.prompts) + plan.max_tokens * plan.rows

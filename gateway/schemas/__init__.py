@@ -1,0 +1,1 @@
+"""msgspec structs of the HTTP API, one module per topic."""
