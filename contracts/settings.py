@@ -82,6 +82,12 @@ class Settings:
     """How often a worker checks the policy version for running streams
     (FLEXGATE_POLICY_POLL_SECONDS)."""
 
+    console_idle_s: int = 1800
+    """A console session ends after this many seconds without a page (FLEXGATE_CONSOLE_IDLE_SECONDS)."""
+    console_absolute_s: int = 43200
+    """A console session ends this long after sign-in, however busy
+    (FLEXGATE_CONSOLE_ABSOLUTE_SECONDS)."""
+
     @property
     def served_model_name(self) -> str:
         return self.model_name or self.model_dir.name
@@ -107,6 +113,8 @@ class Settings:
             device=(env.get("FLEXGATE_DEVICE") or "").strip() or "cpu",
             max_body_bytes=_int(env, "FLEXGATE_MAX_BODY_BYTES", 1_048_576, minimum=1024),
             policy_poll_s=_float(env, "FLEXGATE_POLICY_POLL_SECONDS", 0.25, minimum=0.01),
+            console_idle_s=_int(env, "FLEXGATE_CONSOLE_IDLE_SECONDS", 1800, minimum=1),
+            console_absolute_s=_int(env, "FLEXGATE_CONSOLE_ABSOLUTE_SECONDS", 43200, minimum=1),
         )
 
 
