@@ -81,9 +81,9 @@ class Settings:
     policy_poll_s: float = 0.25
     """How often a worker checks the policy version for running streams
     (FLEXGATE_POLICY_POLL_SECONDS)."""
-
     console_idle_s: int = 1800
-    """A console session ends after this many seconds without a page (FLEXGATE_CONSOLE_IDLE_SECONDS)."""
+    """A console session ends after this many seconds without a page
+    (FLEXGATE_CONSOLE_IDLE_SECONDS)."""
     console_absolute_s: int = 43200
     """A console session ends this long after sign-in, however busy
     (FLEXGATE_CONSOLE_ABSOLUTE_SECONDS)."""
