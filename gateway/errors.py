@@ -9,6 +9,7 @@ Add a mapping for a new error class to the tables here, not a handler of its own
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,8 @@ CONFLICT = "conflict_error"
 RATE_LIMIT = "rate_limit_error"
 UNAVAILABLE = "service_unavailable_error"
 SERVER = "server_error"
+
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 
 GENERIC_AUTH_MESSAGE = "invalid or missing credential: send `Authorization: Bearer <key or JWT>`"
 
@@ -146,7 +149,10 @@ def _validation_param(exc: ValidationException) -> tuple[str, str | None]:
         first = extra[0]
         key = first.get("key")
         message = str(first.get("message") or exc.detail)
-        if isinstance(key, str) and key:
+        unknown = _UNKNOWN_FIELD.search(message)
+        if unknown:
+            return f"unknown parameter `{unknown.group(1)}`", unknown.group(1)
+        if isinstance(key, str) and key and key != "data":
             # msgspec says "at `$.messages[0].role`"; the key is already the field path
             return f"invalid value for `{key}`: {message}", key
         return message, None

@@ -24,6 +24,7 @@ from audit.signing import Signer
 from audit.writer import LedgerWriter
 from contracts.settings import Settings
 from gateway.guards import route_snapshot
+from gateway.inference.prompts import Tokenizer
 from gateway.inflight import InflightRegistry
 from gateway.workers import WorkerId
 from governance.experts import ensure_registered
@@ -41,6 +42,22 @@ def _load_engine(settings: Settings) -> Any:
     from engine import load_engine
 
     return load_engine(settings.model_dir, device_map=settings.device)
+
+
+def _gateway_tokenizer(engine: Any) -> Tokenizer:
+    """A tokenizer of the gateway's own (the engine's belongs to its scheduler thread)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(engine.model_dir))
+    config = engine.config
+    return Tokenizer(tok, int(config.vocab_size), int(config.max_position_embeddings))
+
+
+def _created(engine: Any) -> int:
+    try:
+        return int((engine.model_dir / "config.json").stat().st_mtime)
+    except OSError:
+        return 0
 
 
 @asynccontextmanager
@@ -67,6 +84,9 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
             engine = loaded
         state.engine = engine
         state.model_name = settings.served_model_name
+        state.tokenizer = await asyncio.to_thread(_gateway_tokenizer, engine)
+        state.model_created = _created(engine)
+        state.stream_tasks = set()
 
         signer = await asyncio.to_thread(Signer.load_or_create, settings.home)
         ledger = LedgerWriter(
@@ -92,7 +112,7 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
         state.policy = PolicyStore()
         inflight = InflightRegistry()
         state.inflight = inflight
-        stack.callback(_cancel_streams, state)
+        stack.push_async_callback(_drain_streams, state)
         watcher = PolicyWatcher(sessionmaker, state.policy, interval=settings.policy_poll_s)
         watcher.subscribe(inflight.on_policy_change)
         async with sessionmaker() as session:
@@ -107,9 +127,8 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
             state.ready = False
 
 
-def _cancel_streams(state: Any) -> None:
-    """Streams still running at shut-down end as cancelled (their records are appended by
-    their own tasks as they unwind)."""
-    tasks = state.get("stream_tasks") or set()
-    for task in list(tasks):
-        task.cancel()
+async def _drain_streams(state: Any) -> None:
+    """Records of streams abandoned at shut-down are appended before the writer closes."""
+    tasks = list(state.get("stream_tasks") or ())
+    if tasks:
+        await asyncio.wait(tasks, timeout=30)

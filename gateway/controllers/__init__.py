@@ -5,5 +5,7 @@ from __future__ import annotations
 from litestar import Controller
 
 from gateway.controllers.health import HealthController
+from gateway.controllers.openai import OpenAIController
+from gateway.controllers.tokenize import TokenizeController
 
-CONTROLLERS: list[type[Controller]] = [HealthController]
+CONTROLLERS: list[type[Controller]] = [HealthController, OpenAIController, TokenizeController]

@@ -11,10 +11,19 @@ record without an end; `close_dead_streams` (run at start-up, see gateway.worker
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+from audit.inference import inference_payload
+from audit.ledger import Entry
 from audit.query import RecordQuery, query_records
+from gateway.errors import UNAVAILABLE, ApiError
 from gateway.workers import WorkerId, is_dead_local
+
+if TYPE_CHECKING:
+    from gateway.inference.admission import Admission
+    from gateway.inference.params import Plan
+    from governance.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +31,118 @@ STARTED = "inference.started"
 INFERENCE = "inference"
 ABORTED = "inference.aborted"
 _PAGE = 1000
+
+
+def current_trace_id() -> str | None:
+    """The OpenTelemetry trace id of the request, when a span is recording (else None)."""
+    try:
+        from opentelemetry import trace
+    except ImportError:  # pragma: no cover - a dependency
+        return None
+    ctx = trace.get_current_span().get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid else None
+
+
+async def append(state: Any, *, kind: str, principal: str, payload: dict[str, Any]) -> Entry:
+    """Append and wait until durable; any failure is a 503 (fail closed: no record, no text)."""
+    try:
+        entry: Entry = await state.ledger.append(kind=kind, principal=principal, payload=payload)
+    except ValueError:
+        raise
+    except Exception as exc:
+        log.error("ledger append of %s failed: %s", kind, exc)
+        raise ApiError(
+            503,
+            "the audit ledger is unavailable, so nothing was served; try again",
+            type=UNAVAILABLE,
+            code="ledger_unavailable",
+        ) from exc
+    return entry
+
+
+def started_payload(
+    state: Any, plan: Plan, request_id: str, admission: Admission, identity: Identity
+) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "endpoint": plan.endpoint,
+        "model": state.model_name,
+        "purpose": plan.purpose,
+        "policy_version": admission.policy_version,
+        "experts_allowed": list(admission.allowed),
+        "experts_excluded": dict(admission.excluded),
+        "key_id": identity.key_id,
+        "user": plan.user,
+        "worker": state.worker.as_payload(),
+        "trace_id": current_trace_id(),
+    }
+
+
+def _usage_total(expert_ids: Sequence[str], results: Sequence[Any]) -> dict[str, tuple[int, float]]:
+    total = {e: [0, 0.0] for e in expert_ids}
+    for r in results:
+        for e, (tokens, weight) in (r.usage or {}).items():
+            slot = total.setdefault(e, [0, 0.0])
+            slot[0] += int(tokens)
+            slot[1] += float(weight)
+    return {e: (int(v[0]), float(v[1])) for e, v in total.items()}
+
+
+def finish_reason_of(results: Sequence[Any]) -> str | None:
+    reasons = sorted({str(r.finish_reason) for r in results})
+    return ",".join(reasons) if reasons else None
+
+
+def final_payload(
+    state: Any,
+    plan: Plan,
+    *,
+    request_id: str,
+    admission: Admission,
+    identity: Identity,
+    results: Sequence[Any],
+    revoked: Mapping[str, str],
+    status: str,
+    duration_ms: float,
+    completion_text: str | None,
+    started_seq: int | None = None,
+    completion_tokens: int | None = None,
+) -> dict[str, Any]:
+    """The `inference` record's payload (audit.inference builds the contract's fields)."""
+    allowed = [e for e in admission.allowed if e not in revoked]
+    excluded = {**admission.excluded, **revoked}
+    usage = _usage_total(state.engine.expert_ids, results)
+    payload = inference_payload(
+        request_id=request_id,
+        endpoint=plan.endpoint,
+        model=state.model_name,
+        purpose=plan.purpose,
+        policy_version=admission.policy_version,
+        experts_allowed=allowed,
+        experts_excluded=excluded,
+        usage=usage,
+        prompt_tokens=sum(len(p.ids) for p in plan.prompts),
+        completion_tokens=(
+            sum(int(r.completion_tokens) for r in results)
+            if completion_tokens is None
+            else completion_tokens
+        ),
+        finish_reason=finish_reason_of(results),
+        status=status,
+        prompt=plan.audit_prompt,
+        completion=completion_text,
+        duration_ms=duration_ms,
+        trace_id=current_trace_id(),
+        store_raw_text=state.settings.audit_store_text,
+    )
+    payload["user"] = plan.user
+    payload["key_id"] = identity.key_id
+    payload["choices"] = plan.rows
+    if revoked:
+        payload["revoked"] = dict(revoked)
+    if started_seq is not None:
+        payload["started_seq"] = started_seq
+    return payload
 
 
 async def _scan(state: Any, kind: str, after: int | None) -> list[Any]:

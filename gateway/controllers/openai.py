@@ -1,0 +1,85 @@
+"""OpenAI-compatible routes: models, completions, chat completions (thin: see
+gateway.inference)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.openapi import ResponseSpec
+
+from gateway.inference.handlers import serve
+from gateway.inference.params import chat_plan, completion_plan
+from gateway.schemas.openai import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelExpert,
+    ModelList,
+)
+from governance.identity import Identity
+from governance.store import PolicySnapshot
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    return {c: ResponseSpec(ErrorResponse, description="error (OpenAI shape)") for c in codes}
+
+
+INFERENCE_ERRORS = _errors(400, 401, 403, 404, 413, 429, 503)
+
+
+class OpenAIController(Controller):
+    tags = ["openai"]  # noqa: RUF012 (Litestar declares it a list)
+
+    @get(
+        "/v1/models",
+        summary="The served model (OpenAI list), its window and experts",
+        responses=_errors(401, 403, 503),
+    )
+    async def models(self, state: State, snapshot: PolicySnapshot) -> ModelList:
+        tk = state.tokenizer
+        card = ModelCard(
+            id=state.model_name,
+            created=state.model_created,
+            owned_by="flexgate",
+            max_model_len=tk.window,
+            experts=[
+                ModelExpert(id=e.id, owner=e.owner, status=e.status, description=e.description)
+                for e in snapshot.experts
+            ],
+        )
+        return ModelList(data=[card])
+
+    @post(
+        "/v1/completions",
+        status_code=200,
+        responses=INFERENCE_ERRORS,
+        summary="OpenAI Completions (stream: Server-Sent Events)",
+    )
+    async def completions(
+        self,
+        request: Request[Any, Any, Any],
+        data: CompletionRequest,
+        identity: Identity,
+        snapshot: PolicySnapshot,
+    ) -> Response[CompletionResponse]:
+        return await serve(request, identity, snapshot, lambda tk, m: completion_plan(data, tk, m))
+
+    @post(
+        "/v1/chat/completions",
+        status_code=200,
+        responses=INFERENCE_ERRORS,
+        summary="OpenAI Chat Completions (stream: Server-Sent Events)",
+    )
+    async def chat_completions(
+        self,
+        request: Request[Any, Any, Any],
+        data: ChatCompletionRequest,
+        identity: Identity,
+        snapshot: PolicySnapshot,
+    ) -> Response[ChatCompletionResponse]:
+        return await serve(request, identity, snapshot, lambda tk, m: chat_plan(data, tk, m))

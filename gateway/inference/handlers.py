@@ -1,0 +1,65 @@
+"""The inference flow of one OpenAI request, shared by /v1/completions and /chat/completions.
+
+plan (400/404, no compute) -> admission (400/403) -> engine -> ledger (503 if it fails, and
+then no text) -> response with the `flexgate` block, X-FlexGate-Audit-Seq and X-Request-Id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from litestar import Request, Response
+from litestar.response import Stream
+
+from gateway.errors import request_id_of
+from gateway.inference.admission import admit
+from gateway.inference.openai_format import chat_response, completion_response, response_headers
+from gateway.inference.params import Plan
+from gateway.inference.prompts import Tokenizer
+from gateway.inference.run import Run
+from gateway.inference.streaming import sse_stream
+from gateway.request_ids import new_request_id
+from governance.identity import Identity
+from governance.store import PolicySnapshot
+
+
+def tokenizer_of(state: Any) -> Tokenizer:
+    tk: Tokenizer = state.tokenizer
+    return tk
+
+
+async def serve(
+    request: Request[Any, Any, Any],
+    identity: Identity,
+    snapshot: PolicySnapshot,
+    make_plan: Callable[[Tokenizer, str], Plan],
+) -> Response[Any]:
+    state = request.app.state
+    tk = tokenizer_of(state)
+    plan = make_plan(tk, state.model_name)
+    admission = admit(snapshot, identity, plan)
+    request_id = request_id_of(request) or new_request_id()
+    run = Run(state, plan, admission, identity, request_id)
+    if plan.stream:
+        await run.start_stream()
+        assert run.started is not None
+        return Stream(
+            sse_stream(run, tk),
+            media_type="text/event-stream",
+            headers={
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                "X-FlexGate-Audit-Started-Seq": str(run.started.seq),
+            },
+        )
+    run.submit()
+    try:
+        results = await run.collect()
+        record = await run.finish()
+    except BaseException:
+        run.abandon()
+        raise
+    build = chat_response if plan.chat else completion_response
+    body = build(state, tk, plan, request_id, admission, results, record)
+    return Response(body, headers=dict(response_headers(record, request_id)))
