@@ -18,12 +18,14 @@ from urllib.parse import urlencode
 from cryptography.hazmat.primitives import serialization
 from litestar import get, post
 from litestar.response import Response, Stream, Template
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit.checkpoints import inclusion_proof, latest_checkpoint
 from audit.db import translate_errors
 from audit.errors import InvalidQuery
 from audit.export import export_lines
+from audit.models import RECORD_COLUMNS, LedgerRecord
 from audit.query import (
     EXPERT_MODES,
     MAX_LIMIT,
@@ -99,6 +101,35 @@ async def ledger_page(
     )
 
 
+async def stored_records(db: AsyncSession, *, after: int, limit: int) -> list[dict[str, Any]]:
+    """Records with their payload exactly as stored (`payload_text`: the hashed bytes).
+
+    The browser hashes these bytes rather than re-encoding a parsed payload, so its check
+    does not depend on matching the server's number formatting.
+    """
+    stmt = (
+        select(*RECORD_COLUMNS)
+        .where(LedgerRecord.seq > after)
+        .order_by(LedgerRecord.seq)
+        .limit(limit)
+    )
+    async with translate_errors():
+        rows = (await db.execute(stmt)).all()
+    return [
+        {
+            "seq": int(seq),
+            "id": rid,
+            "kind": kind,
+            "at": at,
+            "principal": principal,
+            "payload_text": payload,
+            "prev_hash": prev_hash,
+            "hash": digest,
+        }
+        for seq, rid, kind, at, principal, payload, prev_hash, digest in rows
+    ]
+
+
 def public_key_der_b64(pem: str) -> str:
     key = serialization.load_pem_public_key(pem.encode())
     der = key.public_bytes(
@@ -132,8 +163,15 @@ async def record_page(
     except InvalidQuery as exc:
         proof_error = str(exc)
     pem = _public_key_for(settings, proof["checkpoint"]["key_id"]) if proof else None
+    scope = await scope_of(db_session, identity)
+    record: dict[str, Any] = entry.as_dict()
+    if scope is None:  # an officer sees the record as stored: the browser hashes its bytes
+        stored = await stored_records(db_session, after=seq - 1, limit=1)
+        if stored and stored[0]["seq"] == seq:
+            record = {**record, "payload_text": stored[0]["payload_text"]}
     check = {
-        "record": entry.as_dict(),
+        "record": record,
+        "scoped": scope is not None,
         "proof": proof,
         "public_key_spki_b64": public_key_der_b64(pem) if pem else None,
     }
@@ -198,10 +236,12 @@ async def verify_records(
     db_session: AsyncSession, after: int = 0, limit: int = BROWSER_PAGE
 ) -> Response[dict[str, Any]]:
     """Records as stored, a page at a time, for the browser's own chain check."""
-    page = await query_records(
-        db_session, RecordQuery(after=after, limit=max(1, min(limit, MAX_LIMIT)))
+    rows = await stored_records(db_session, after=after, limit=max(1, min(limit, MAX_LIMIT)))
+    more = len(rows) == limit
+    return Response(
+        {"records": rows, "next_after": rows[-1]["seq"] if more and rows else None},
+        headers={"cache-control": "no-store"},
     )
-    return Response(page.as_dict(), headers={"cache-control": "no-store"})
 
 
 def _label(row: UsageRow) -> str:

@@ -57,10 +57,20 @@
     throw new Error("cannot encode " + typeof value);
   }
 
-  // hash = SHA-256(prev_hash as ASCII hex || canonical JSON of the record body)
+  // hash = SHA-256(prev_hash as ASCII hex || canonical JSON of the record body). The body's
+  // members in canonical (sorted) order are at, id, kind, payload, principal, seq. When the
+  // server sends the payload exactly as stored (`payload_text`, the bytes that were hashed),
+  // it is used as is; otherwise the parsed payload is re-encoded canonically.
+  function recordBody(r) {
+    const payload = typeof r.payload_text === "string" ? r.payload_text : canonicalJson(r.payload);
+    return "{" + '"at":' + JSON.stringify(r.at) + ',"id":' + JSON.stringify(r.id) +
+      ',"kind":' + JSON.stringify(r.kind) + ',"payload":' + payload +
+      ',"principal":' + (r.principal === null ? "null" : JSON.stringify(r.principal)) +
+      ',"seq":' + canonicalJson(r.seq) + "}";
+  }
+
   async function recordHash(r) {
-    const body = { seq: r.seq, id: r.id, kind: r.kind, at: r.at, principal: r.principal, payload: r.payload };
-    return hex(await sha256(concat(enc.encode(r.prev_hash), enc.encode(canonicalJson(body)))));
+    return hex(await sha256(concat(enc.encode(r.prev_hash), enc.encode(recordBody(r)))));
   }
 
   async function leafHash(recordHashHex) {
@@ -134,7 +144,7 @@
 
   global.document.documentElement.classList.add("js");
   global.FlexgateLedger = {
-    FORMAT, hasCrypto, hex, unhex, sha256, canonicalJson, recordHash, leafHash, nodeHash,
+    FORMAT, hasCrypto, hex, unhex, sha256, canonicalJson, recordBody, recordHash, leafHash, nodeHash,
     rootFromInclusion, Frontier, checkpointMessage, checkCheckpoint,
   };
 })(window);

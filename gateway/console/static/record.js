@@ -23,7 +23,9 @@
   try {
     const r = data.record, p = data.proof;
     const h = await L.recordHash(r);
-    if (!step(h === r.hash, h === r.hash ? "The record's hash matches its contents." : "The record's contents do not hash to its stored hash (" + h.slice(0, 16) + "… ≠ " + r.hash.slice(0, 16) + "…).")) {
+    if (data.scoped && h !== r.hash) {
+      step(true, "The payload is shown as it concerns your experts, so its hash cannot be recomputed here; the proof below covers the stored hash.");
+    } else if (!step(h === r.hash, h === r.hash ? "The record's hash matches its contents." : "The record's contents do not hash to its stored hash (" + h.slice(0, 16) + "… ≠ " + r.hash.slice(0, 16) + "…).")) {
       return finish(false, "Failed: the record was altered after it was written.");
     }
     if (!step(p.record_hash === r.hash, "The proof is for this record.")) return finish(false, "Failed: the proof is for another record.");
