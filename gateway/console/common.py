@@ -79,9 +79,7 @@ def render(
 ) -> Template:
     identity = identity_of(request)
     sess = session_of(request)
-    flash: list[str] = []
-    if sess is not None and sess.flash:
-        flash, sess.flash = sess.flash, []
+    flash = list(cast(dict[str, Any], request.scope).get("console_flash") or [])
     ctx = {
         "me": identity,
         "role_labels": ROLE_LABELS,

@@ -140,6 +140,7 @@ class ConsoleSessionMiddleware(AbstractMiddleware):
         scope.pop("user", None)
         scope["console_session"] = None
         scope["console_ended"] = None
+        scope["console_flash"] = []
         sid = _cookies(asgi_scope).get(cookie_name(asgi_scope))
         if not sid:
             return
@@ -158,6 +159,9 @@ class ConsoleSessionMiddleware(AbstractMiddleware):
             log.exception("console: the session's key could not be checked")
             scope["console_ended"] = "unavailable"
             return
+        if sess.flash:  # shown once: taken out of the session as this page renders them
+            scope["console_flash"], sess.flash = sess.flash, []
+            await store.save(sess)
         scope["user"] = identity
         scope["auth"] = identity.key_id
         scope["console_session"] = sess
