@@ -235,9 +235,10 @@ def test_officer_filters_proves_and_sees_tampering(server: Server, new_page: Any
         expect(page.locator("#verify-result")).to_contain_text(
             f"Failed at seq {seq}", timeout=20_000
         )
+        shot(page, "officer-verify-tampered-browser")
         page.get_by_role("button", name="Verify on the server").click()
         expect(page.locator("#server-result")).to_contain_text(f"failed at seq {seq}")
-        shot(page, "officer-verify-tampered")
+        shot(page, "officer-verify-tampered-server")
     finally:
         with sqlite3.connect(server.db_file) as db:
             db.execute("UPDATE ledger_records SET payload = ? WHERE seq = ?", (original, seq))
