@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,11 +17,12 @@ from litestar.di import Provide
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit.db import translate_errors
-from audit.errors import AuditError
 from contracts.settings import Settings
 from gateway.errors import UNAVAILABLE, ApiError
 from governance.identity import Identity
 from governance.store import PolicySnapshot
+
+log = logging.getLogger(__name__)
 
 
 async def provide_db_session(state: State) -> AsyncIterator[AsyncSession]:
@@ -43,7 +45,8 @@ async def provide_snapshot(state: State, db_session: AsyncSession) -> PolicySnap
         async with translate_errors():
             snapshot: PolicySnapshot = await state.policy.snapshot(db_session)
             return snapshot
-    except (AuditError, RuntimeError) as exc:
+    except Exception as exc:  # fail closed: whatever stops the policy loading stops the request
+        log.error("policy snapshot failed: %s", exc)
         raise ApiError(
             503,
             "the access policy cannot be evaluated right now; try again",

@@ -39,6 +39,8 @@ UNAVAILABLE = "service_unavailable_error"
 SERVER = "server_error"
 
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+_AT_PATH = re.compile(r"at `\$\.([^`]+)`")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
 
 GENERIC_AUTH_MESSAGE = "invalid or missing credential: send `Authorization: Bearer <key or JWT>`"
 
@@ -140,6 +142,22 @@ def _response(
     return Response(
         error_body(message, type, code, param), status_code=status, headers=dict(headers or {})
     )
+
+
+def decode_error(exc: Exception) -> ApiError:
+    """A msgspec decode/validation error as a 400 naming the field (`at `$.stop``)."""
+    message = str(exc)
+    unknown = _UNKNOWN_FIELD.search(message)
+    if unknown:
+        return bad_request(
+            f"unknown parameter `{unknown.group(1)}`", unknown.group(1), "invalid_request"
+        )
+    path = _AT_PATH.search(message)
+    param = path.group(1) if path else None
+    missing = _MISSING.search(message)
+    if missing:
+        param = (param + "." if param else "") + missing.group(1)
+    return bad_request(message, param, "invalid_request")
 
 
 def _validation_param(exc: ValidationException) -> tuple[str, str | None]:

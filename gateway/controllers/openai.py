@@ -9,7 +9,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 
-from gateway.inference.handlers import serve
+from gateway.inference.handlers import serve, strict_body
 from gateway.inference.params import chat_plan, completion_plan
 from gateway.schemas.openai import (
     ChatCompletionRequest,
@@ -67,7 +67,8 @@ class OpenAIController(Controller):
         identity: Identity,
         snapshot: PolicySnapshot,
     ) -> Response[CompletionResponse]:
-        return await serve(request, identity, snapshot, lambda tk, m: completion_plan(data, tk, m))
+        body = await strict_body(request, CompletionRequest)
+        return await serve(request, identity, snapshot, lambda tk, m: completion_plan(body, tk, m))
 
     @post(
         "/v1/chat/completions",
@@ -82,4 +83,5 @@ class OpenAIController(Controller):
         identity: Identity,
         snapshot: PolicySnapshot,
     ) -> Response[ChatCompletionResponse]:
-        return await serve(request, identity, snapshot, lambda tk, m: chat_plan(data, tk, m))
+        body = await strict_body(request, ChatCompletionRequest)
+        return await serve(request, identity, snapshot, lambda tk, m: chat_plan(body, tk, m))

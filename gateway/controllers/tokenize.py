@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from litestar import Controller, post
+from typing import Any
+
+from litestar import Controller, Request, post
 from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 
 from gateway.errors import bad_request
+from gateway.inference.handlers import strict_body
 from gateway.inference.params import check_model
 from gateway.inference.prompts import Tokenizer, chat_messages
 from gateway.schemas.openai import ErrorResponse
@@ -27,7 +30,10 @@ class TokenizeController(Controller):
     tags = ["tokenize"]  # noqa: RUF012 (Litestar declares it a list)
 
     @post("/tokenize", status_code=200, responses=ERRORS, summary="Text or messages to token ids")
-    async def tokenize(self, state: State, data: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(
+        self, state: State, request: Request[Any, Any, Any], data: TokenizeRequest
+    ) -> TokenizeResponse:
+        data = await strict_body(request, TokenizeRequest)
         tk: Tokenizer = state.tokenizer
         if data.model is not None:
             check_model(data.model, state.model_name)
@@ -60,7 +66,10 @@ class TokenizeController(Controller):
         )
 
     @post("/detokenize", status_code=200, responses=ERRORS, summary="Token ids to text")
-    async def detokenize(self, state: State, data: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(
+        self, state: State, request: Request[Any, Any, Any], data: DetokenizeRequest
+    ) -> DetokenizeResponse:
+        data = await strict_body(request, DetokenizeRequest)
         tk: Tokenizer = state.tokenizer
         if data.model is not None:
             check_model(data.model, state.model_name)

@@ -7,12 +7,13 @@ then no text) -> response with the `flexgate` block, X-FlexGate-Audit-Seq and X-
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 from litestar import Request, Response
 from litestar.response import Stream
 
-from gateway.errors import request_id_of
+from gateway.errors import bad_request, decode_error, request_id_of
 from gateway.inference.admission import admit
 from gateway.inference.openai_format import chat_response, completion_response, response_headers
 from gateway.inference.params import Plan
@@ -22,6 +23,19 @@ from gateway.inference.streaming import sse_stream
 from gateway.request_ids import new_request_id
 from governance.identity import Identity
 from governance.store import PolicySnapshot
+
+T = TypeVar("T")
+
+
+async def strict_body(request: Request[Any, Any, Any], kind: type[T]) -> T:
+    """The body decoded strictly (Litestar's own parse, which documents the schema, coerces
+    "4" to 4; a wrong type must be a 400 naming the field)."""
+    try:
+        return msgspec.json.decode(await request.body(), type=kind, strict=True)
+    except msgspec.ValidationError as exc:
+        raise decode_error(exc) from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"the body is not valid JSON: {exc}") from None
 
 
 def tokenizer_of(state: Any) -> Tokenizer:

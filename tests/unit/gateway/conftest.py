@@ -8,11 +8,16 @@
 - `gw_world`: principals of every role and one key each (`world.keys[role]`, bearer tokens),
   created before the app starts so the lifespan's expert registration assigns the owners;
 - `gw_app` / `gw_client`: the app (lifespan run) and an `AsyncTestClient` on it;
+- `gw_live`: the same app served by uvicorn on a free loopback port in a thread (real HTTP:
+  streams arrive as they are sent; the `openai` client talks to it); `.base_url`;
 - `auth(token)`: the Authorization header.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +37,7 @@ from governance.principals import add_principal
 OPERATOR = Identity.operator()
 EXPERT_IDS = ("public", "code", "news", "math")
 MODEL_NAME = "tiny-flexolmo"
+WINDOW = 1024
 
 # principal id, roles — one per role, plus the owners experts.json names
 PRINCIPALS: list[tuple[str, list[str]]] = [
@@ -69,8 +75,11 @@ class GwWorld:
 def gw_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.checkpoints import build_tiny_checkpoint
 
+    # A window long enough for a stream to outlive a policy change by far.
     return build_tiny_checkpoint(
-        tmp_path_factory.mktemp("gwmodel") / MODEL_NAME, expert_ids=EXPERT_IDS
+        tmp_path_factory.mktemp("gwmodel") / MODEL_NAME,
+        expert_ids=EXPERT_IDS,
+        max_position_embeddings=WINDOW,
     )
 
 
@@ -125,3 +134,38 @@ def gw_app(gw_world: GwWorld, gw_engine: Any) -> Litestar:
 async def gw_client(gw_app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
     async with AsyncTestClient(app=gw_app) as client:
         yield client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    app: Litestar
+    base_url: str
+    server: Any
+    thread: threading.Thread
+
+
+@pytest.fixture
+def gw_live(gw_app: Litestar) -> Iterator[LiveServer]:
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(gw_app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="gw-live", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the live server did not start")
+        time.sleep(0.02)
+    try:
+        yield LiveServer(gw_app, f"http://127.0.0.1:{port}", server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(30)
