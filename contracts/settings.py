@@ -87,6 +87,12 @@ class Settings:
     console_absolute_s: int = 43200
     """A console session ends this long after sign-in, however busy
     (FLEXGATE_CONSOLE_ABSOLUTE_SECONDS)."""
+    # Per-key limits (gateway.limits): server-wide defaults for keys without their own;
+    # 0 = that limit is off.
+    rate_rpm: int = 600
+    rate_tpm: int = 1_000_000
+    rate_max_parallel: int = 32
+    rate_lease_seconds: float = 900.0
 
     @property
     def served_model_name(self) -> str:
@@ -115,6 +121,10 @@ class Settings:
             policy_poll_s=_float(env, "FLEXGATE_POLICY_POLL_SECONDS", 0.25, minimum=0.01),
             console_idle_s=_int(env, "FLEXGATE_CONSOLE_IDLE_SECONDS", 1800, minimum=1),
             console_absolute_s=_int(env, "FLEXGATE_CONSOLE_ABSOLUTE_SECONDS", 43200, minimum=1),
+            rate_rpm=_int(env, "FLEXGATE_RATE_RPM", 600),
+            rate_tpm=_int(env, "FLEXGATE_RATE_TPM", 1_000_000),
+            rate_max_parallel=_int(env, "FLEXGATE_RATE_MAX_PARALLEL", 32),
+            rate_lease_seconds=_float(env, "FLEXGATE_RATE_LEASE_SECONDS", 900.0, minimum=1.0),
         )
 
 

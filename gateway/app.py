@@ -25,6 +25,8 @@ from gateway.errors import EXCEPTION_HANDLERS
 from gateway.guards import route_policy
 from gateway.lifespan import lifespan
 from gateway.request_ids import request_id_middleware
+from gateway.runtime import runtime_lifespan
+from gateway.telemetry import TelemetryMiddleware
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -49,11 +51,11 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> Lites
     return Litestar(
         route_handlers=[*CONTROLLERS, console_router()],
         template_config=console_template_config(),
-        middleware=[request_id_middleware, auth_middleware()],
+        middleware=[TelemetryMiddleware, request_id_middleware, auth_middleware()],
         guards=[route_policy],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
-        lifespan=[lifespan],
+        lifespan=[lifespan, runtime_lifespan],
         state=state,
         openapi_config=openapi_config(),
         request_max_body_size=settings.max_body_bytes,

@@ -24,8 +24,9 @@ class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:  # type: ignore[type-arg]
         state = connection.app.state
         header = connection.headers.get("authorization")
-        async with translate_errors(), state.sessionmaker() as session:
-            identity = await authenticate(session, header, jwt=state.jwt)
+        with state.telemetry.span("auth"):
+            async with translate_errors(), state.sessionmaker() as session:
+                identity = await authenticate(session, header, jwt=state.jwt)
         return AuthenticationResult(user=identity, auth=identity.key_id)
 
 

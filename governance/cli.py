@@ -158,10 +158,49 @@ def keys() -> None:
     """Create, list and revoke API keys."""
 
 
+def _limit_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--rpm / --tpm / --max-parallel (a key's limits; see governance.key_limits)."""
+    bound = click.IntRange(min=1, max=1_000_000_000)
+    for name, help_text in reversed(
+        [
+            ("--rpm", "requests per minute"),
+            ("--tpm", "tokens per minute (prompt + completion)"),
+            ("--max-parallel", "requests running at once"),
+        ]
+    ):
+        command = click.option(name, type=bound, metavar="N", help=help_text)(command)
+    return command
+
+
+async def _set_new_key_limits(
+    s: AsyncSession, key_id: str, rpm: int | None, tpm: int | None, max_parallel: int | None
+) -> None:
+    from governance.key_limits import Limits, set_limits
+
+    limits = Limits(rpm, tpm, max_parallel)
+    if limits != Limits():
+        await set_limits(s, actor=OPERATOR, key_id=key_id, limits=limits)
+        _echo_err(f"limits of key {key_id}: {_limits_text(limits)}")
+
+
+def _limits_text(limits: Any) -> str:
+    return ", ".join(
+        f"{name} {'default' if value is None else value}"
+        for name, value in limits.as_dict().items()
+    )
+
+
 @keys.command("create")
 @click.argument("principal_id")
 @click.option("--expires-in", "expires_in", type=click.IntRange(min=1), metavar="DAYS")
-def keys_create(principal_id: str, expires_in: int | None) -> None:
+@_limit_options
+def keys_create(
+    principal_id: str,
+    expires_in: int | None,
+    rpm: int | None,
+    tpm: int | None,
+    max_parallel: int | None,
+) -> None:
     """Create a key for PRINCIPAL_ID and print it (shown once) alone on stdout."""
     from governance.keys import create_key
 
@@ -172,6 +211,7 @@ def keys_create(principal_id: str, expires_in: int | None) -> None:
             principal_id=principal_id,
             expires_in=None if expires_in is None else timedelta(days=expires_in),
         )
+        await _set_new_key_limits(s, row.id, rpm, tpm, max_parallel)
         _echo_err(
             f"key {row.id} for {principal_id}, expires {_fmt(row.expires_at)}; "
             "store it now, it is not shown again"
@@ -225,6 +265,40 @@ def keys_revoke(key_id: str) -> None:
         click.echo(f"key {row.id} of {row.principal_id} revoked")
 
     _run(work)
+
+
+@keys.command("limits")
+@click.argument("key_id")
+@_limit_options
+@click.option("--reset", is_flag=True, help="Back to the server-wide defaults first.")
+@_json_option
+def keys_limits(
+    key_id: str,
+    rpm: int | None,
+    tpm: int | None,
+    max_parallel: int | None,
+    reset: bool,
+    as_json: bool,
+) -> None:
+    """Show KEY_ID's limits, or change those given (the others stay as they are)."""
+    from governance.key_limits import Limits, get_limits, set_limits
+
+    async def work(s: AsyncSession) -> Limits:
+        current = Limits() if reset else await get_limits(s, key_id)
+        wanted = Limits(
+            current.rpm if rpm is None else rpm,
+            current.tpm if tpm is None else tpm,
+            current.max_parallel if max_parallel is None else max_parallel,
+        )
+        if reset or wanted != current:
+            await set_limits(s, actor=OPERATOR, key_id=key_id, limits=wanted)
+        return wanted
+
+    limits = _run(work)
+    if as_json:
+        click.echo(json.dumps({"key_id": key_id, **limits.as_dict()}))
+    else:
+        click.echo(f"key {key_id}: {_limits_text(limits)}")
 
 
 # -- experts ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from gateway.inference.params import Plan
 from gateway.inference.prompts import Tokenizer
 from gateway.inference.run import Run
 from gateway.inference.streaming import sse_stream
+from gateway.limits import RateLimited
 from gateway.request_ids import new_request_id
 from governance.identity import Identity
 from governance.store import PolicySnapshot
@@ -52,28 +53,47 @@ async def serve(
     state = request.app.state
     tk = tokenizer_of(state)
     plan = make_plan(tk, state.model_name)
-    admission = admit(snapshot, identity, plan)
+    telemetry = state.telemetry
+    with telemetry.span("policy", **{"flexgate.purpose": plan.purpose}):
+        admission = admit(snapshot, identity, plan)
     request_id = request_id_of(request) or new_request_id()
-    run = Run(state, plan, admission, identity, request_id)
-    if plan.stream:
-        await run.start_stream()
-        assert run.started is not None
-        return Stream(
-            sse_stream(run, tk),
-            media_type="text/event-stream",
-            headers={
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-                "X-FlexGate-Audit-Started-Seq": str(run.started.seq),
-            },
-        )
-    run.submit()
     try:
-        results = await run.collect()
-        record = await run.finish()
+        rate = await state.limiter.admit(identity, identity.key_id, estimated_tokens(plan))
+    except RateLimited as exc:
+        telemetry.record_rejection(exc.limit, identity.key_id)
+        raise
+    run = Run(state, plan, admission, identity, request_id, rate=rate)
+    try:
+        if plan.stream:
+            await run.start_stream()
+            assert run.started is not None
+            return Stream(
+                sse_stream(run, tk),
+                media_type="text/event-stream",
+                headers={
+                    "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no",
+                    "X-FlexGate-Audit-Started-Seq": str(run.started.seq),
+                    **rate.headers(),
+                },
+            )
+        run.submit()
+        try:
+            results = await run.collect()
+            record = await run.finish()
+        except BaseException:
+            run.abandon()
+            raise
     except BaseException:
-        run.abandon()
+        if run.group is None:  # nothing ran: give the tokens back (the run releases otherwise)
+            await rate.release(0)
         raise
     build = chat_response if plan.chat else completion_response
     body = build(state, tk, plan, request_id, admission, results, record)
-    return Response(body, headers=dict(response_headers(record, request_id)))
+    return Response(body, headers={**response_headers(record, request_id), **rate.headers()})
+
+
+def estimated_tokens(plan: Plan) -> int:
+    """What a request may use at most, for the tokens-per-minute bucket: every prompt token
+    once, and max_tokens for each of its rows (settled with the real count at its end)."""
+    return sum(len(p.ids) for p in plan.prompts) + plan.max_tokens * plan.rows

@@ -18,6 +18,7 @@ from audit.inference import inference_payload
 from audit.ledger import Entry
 from audit.query import RecordQuery, query_records
 from gateway.errors import UNAVAILABLE, ApiError
+from gateway.telemetry import current_trace_id
 from gateway.workers import WorkerId, is_dead_local
 
 if TYPE_CHECKING:
@@ -33,20 +34,13 @@ ABORTED = "inference.aborted"
 _PAGE = 1000
 
 
-def current_trace_id() -> str | None:
-    """The OpenTelemetry trace id of the request, when a span is recording (else None)."""
-    try:
-        from opentelemetry import trace
-    except ImportError:  # pragma: no cover - a dependency
-        return None
-    ctx = trace.get_current_span().get_span_context()
-    return f"{ctx.trace_id:032x}" if ctx.is_valid else None
-
-
 async def append(state: Any, *, kind: str, principal: str, payload: dict[str, Any]) -> Entry:
     """Append and wait until durable; any failure is a 503 (fail closed: no record, no text)."""
     try:
-        entry: Entry = await state.ledger.append(kind=kind, principal=principal, payload=payload)
+        with state.telemetry.span("ledger", **{"flexgate.record.kind": kind}):
+            entry: Entry = await state.ledger.append(
+                kind=kind, principal=principal, payload=payload
+            )
     except ValueError:
         raise
     except Exception as exc:

@@ -23,6 +23,8 @@ from gateway.errors import UNAVAILABLE, ApiError, bad_request
 from gateway.inference import records
 from gateway.inference.admission import Admission
 from gateway.inference.params import Plan, sampling_params
+from gateway.limits import Admission as RateAdmission
+from gateway.telemetry import OPERATIONS
 from governance.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -84,8 +86,14 @@ class Run:
         admission: Admission,
         identity: Identity,
         request_id: str,
+        *,
+        rate: RateAdmission | None = None,
     ) -> None:
         self.state = state
+        self.rate = rate
+        """The rate-limit admission; released with the real token count at the record."""
+        self._first_token: float | None = None
+        self._engine_span: Any = None
         self.plan = plan
         self.admission = admission
         self.identity = identity
@@ -125,6 +133,9 @@ class Run:
                 s.cancel()
             raise _engine_error(exc) from exc
         self.group = RowGroup(streams, self.admission.allowed)
+        self._engine_span = self.state.telemetry.tracer.start_span(
+            "engine", attributes={"flexgate.rows": len(streams)}
+        )
         self.state.inflight.register(
             self.request_id,
             self.group,
@@ -146,6 +157,8 @@ class Run:
                 if isinstance(event, Finished):
                     self.rows[row].result = event.result
                 else:
+                    if self._first_token is None and event.token_ids:
+                        self._first_token = time.perf_counter()
                     self.rows[row].tokens += len(event.token_ids)
                     self.rows[row].text.append(event.text)
                 await self._queue.put((row, event))
@@ -222,10 +235,34 @@ class Run:
             started_seq=None if self.started is None else self.started.seq,
             completion_tokens=completion_tokens,
         )
-        self.record = await records.append(
-            self.state, kind=records.INFERENCE, principal=self.identity.id, payload=payload
-        )
+        if self._engine_span is not None:
+            self._engine_span.end()
+            self._engine_span = None
+        try:
+            self.record = await records.append(
+                self.state, kind=records.INFERENCE, principal=self.identity.id, payload=payload
+            )
+        finally:
+            used = int(payload["prompt_tokens"]) + int(payload["completion_tokens"])
+            if self.rate is not None:
+                await self.rate.release(used)
+            self._observe(payload, status)
         return self.record
+
+    def _observe(self, payload: dict[str, Any], status: str) -> None:
+        """The request's GenAI metrics and per-expert counters (gateway.telemetry)."""
+        duration = time.perf_counter() - self._t0
+        self.state.telemetry.record_inference(
+            operation=OPERATIONS.get(self.plan.endpoint, self.plan.endpoint),
+            model=self.state.model_name,
+            key_id=self.identity.key_id,
+            input_tokens=int(payload["prompt_tokens"]),
+            output_tokens=int(payload["completion_tokens"]),
+            duration_s=duration,
+            ttft_s=None if self._first_token is None else self._first_token - self._t0,
+            usage=payload.get("usage") or {},
+            status=status,
+        )
 
     def status_of(self, results: list[Any]) -> str:
         return "cancelled" if any(r.finish_reason == "cancelled" for r in results) else "ok"

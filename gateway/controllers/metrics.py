@@ -1,0 +1,23 @@
+"""GET /metrics: this worker's metrics in Prometheus text format (admin role).
+
+A Prometheus scraper authenticates like any client, with the bearer key of an admin principal
+(`authorization: {credentials: <key>}` in its scrape config; docs/gateway.md). With several
+workers each answers for itself: scrape each worker's port, or sum over `instance`.
+"""
+
+from __future__ import annotations
+
+from litestar import Controller, Request, get
+from litestar.response import Response
+
+from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
+
+
+class MetricsController(Controller):
+    path = "/metrics"
+    tags = ("metrics",)
+
+    @get("/", summary="Prometheus text: GenAI and per-expert metrics", media_type="text/plain")
+    async def metrics(self, request: Request) -> Response[bytes]:  # type: ignore[type-arg]
+        telemetry: Telemetry = request.app.state.telemetry
+        return Response(telemetry.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
