@@ -1,8 +1,8 @@
 """Admin pages: principals with their roles and groups, API keys, experts and their owners.
 
 The same governance services as /v1/admin/* and the CLI (`add_principal`, `create_key`,
-`revoke_key`, `assign_owner`), so the same checks, errors and ledger records. A new key is
-shown once, on the response page of its creation, and never again.
+`revoke_key`, `set_limits`, `assign_owner`), so the same checks, errors and ledger records.
+A new key is shown once, on the response page of its creation, and never again.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from typing import Any
 
 from litestar import get, post
 from litestar.response import Redirect, Template
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from contracts.settings import Settings
 from gateway.console.common import (
     AnyRequest,
     csrf_form,
@@ -26,6 +28,7 @@ from gateway.console.common import (
 from governance import experts as experts_service
 from governance.errors import GovernanceError, InvalidInput
 from governance.identity import Identity
+from governance.key_limits import LIMIT_NAMES, KeyLimit, Limits, get_limits, set_limits
 from governance.keys import create_key, list_keys, revoke_key
 from governance.names import ROLES
 from governance.principals import add_principal, list_principals
@@ -98,12 +101,14 @@ async def principal_add(
 
 
 async def _keys_page(request: AnyRequest, db: AsyncSession, **extra: Any) -> Template:
+    own = {row.key_id: row for row in (await db.execute(select(KeyLimit))).scalars()}
     return render(
         request,
         "keys.html",
         title="API keys",
         keys=await list_keys(db),
         principals=await list_principals(db),
+        limits=own,
         **extra,
     )
 
@@ -158,6 +163,70 @@ async def key_revoke(
     return see_other("/console/admin/keys")
 
 
+def _defaults(settings: Settings) -> dict[str, int]:
+    return {
+        "rpm": settings.rate_rpm,
+        "tpm": settings.rate_tpm,
+        "max_parallel": settings.rate_max_parallel,
+    }
+
+
+@get("/console/admin/keys/{key_id:str}/limits", name="console:key-limits")
+async def key_limits_page(
+    request: AnyRequest, db_session: AsyncSession, settings: Settings, key_id: str
+) -> Template:
+    limits = await get_limits(db_session, key_id)
+    return render(
+        request,
+        "key_limits.html",
+        title=f"Limits of key {key_id}",
+        key_id=key_id,
+        form={k: "" if v is None else str(v) for k, v in limits.as_dict().items()},
+        defaults=_defaults(settings),
+    )
+
+
+@post("/console/admin/keys/{key_id:str}/limits", name="console:key-limits-set")
+async def key_limits_set(
+    request: AnyRequest,
+    db_session: AsyncSession,
+    identity: Identity,
+    settings: Settings,
+    key_id: str,
+) -> Template | Redirect:
+    form = await csrf_form(request)
+    values = {name: _text(form, name) for name in LIMIT_NAMES}
+    errors: dict[str, str] = {}
+    parsed: dict[str, int | None] = {}
+    for name, text in values.items():
+        if not text:
+            parsed[name] = None
+        elif text.isdigit():
+            parsed[name] = int(text)
+        else:
+            errors[name] = "Enter a whole number, or leave it empty for the server default."
+    if not errors:
+        try:
+            await set_limits(db_session, actor=identity, key_id=key_id, limits=Limits(**parsed))
+        except GovernanceError as exc:
+            message = user_message(exc)
+            name = next((n for n in LIMIT_NAMES if message.lower().startswith(n)), "form")
+            errors[name] = message
+    if errors:
+        return render(
+            request,
+            "key_limits.html",
+            status_code=400,
+            title=f"Limits of key {key_id}",
+            key_id=key_id,
+            form=values,
+            defaults=_defaults(settings),
+            errors=errors,
+        )
+    await flash(request, f"Limits of key {key_id} saved.")
+    return see_other("/console/admin/keys")
+
+
 async def _experts_page(request: AnyRequest, db: AsyncSession, **extra: Any) -> Template:
     principals = await list_principals(db)
     return render(
@@ -199,6 +268,8 @@ HANDLERS = [
     keys_page,
     key_create,
     key_revoke,
+    key_limits_page,
+    key_limits_set,
     admin_experts_page,
     assign_owner,
 ]

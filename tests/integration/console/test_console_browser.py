@@ -84,7 +84,8 @@ def test_owner_cannot_see_or_change_another_owners_expert(server: Server, new_pa
     # A hand-edited form: the page's own grant form pointed at news.
     page.goto("/console/experts/code")
     page.evaluate(
-        "document.querySelector('form[action$=\"/code/licenses\"]').action = '/console/experts/news/licenses'"
+        "document.querySelector('form[action$=\"/code/licenses\"]').action"
+        " = '/console/experts/news/licenses'"
     )
     page.get_by_label("Grantee", exact=True).fill("app-1")
     with page.expect_response(lambda r: r.url.endswith("/news/licenses")) as info:
@@ -250,6 +251,7 @@ def test_officer_filters_proves_and_sees_tampering(server: Server, new_page: Any
         page.get_by_role("button", name="Download").click()
     path = dl.value.path()
     assert path is not None
-    first = open(path, encoding="utf-8").readline()
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
     assert first.startswith('{"flexgate_export"')
     shot(page, "officer-export")

@@ -247,3 +247,35 @@ async def test_session_store_idle_and_absolute_timeouts(tmp_path: Any) -> None:
     )
     assert (await store.load(sess.id, now=now + 11)) == (None, "expired")
     assert (await store.load("not-a-session")) == (None, None)
+
+
+async def test_admin_sets_key_limits_with_errors_beside_the_fields(
+    gw_client: Client, gw_world: GwWorld
+) -> None:
+    from governance.key_limits import get_limits
+
+    await sign_in(gw_client, gw_world.keys["admin"])
+    key_id = gw_world.keys["app-2"].split("_")[1]
+    page = await gw_client.get(f"/console/admin/keys/{key_id}/limits")
+    token = csrf_of(page.text)
+    r = await gw_client.post(
+        f"/console/admin/keys/{key_id}/limits",
+        data={"_csrf": token, "rpm": "ten", "tpm": "", "max_parallel": "0"},
+    )
+    assert r.status_code == 400
+    assert 'id="rpm-error"' in r.text and 'id="max_parallel-error"' not in r.text
+    r = await gw_client.post(
+        f"/console/admin/keys/{key_id}/limits",
+        data={"_csrf": token, "rpm": "10", "tpm": "", "max_parallel": "0"},
+    )
+    assert r.status_code == 400 and 'id="max_parallel-error"' in r.text
+    r = await gw_client.post(
+        f"/console/admin/keys/{key_id}/limits",
+        data={"_csrf": token, "rpm": "10", "tpm": "", "max_parallel": "2"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303
+    async with gw_world.sm() as s:
+        limits = await get_limits(s, key_id)
+    assert (limits.rpm, limits.tpm, limits.max_parallel) == (10, None, 2)
+    assert "10 / default / 2" in (await gw_client.get("/console/admin/keys")).text
