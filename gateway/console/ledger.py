@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 from cryptography.hazmat.primitives import serialization
 from litestar import get, post
 from litestar.response import Response, Stream, Template
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit.checkpoints import inclusion_proof, latest_checkpoint
@@ -188,24 +188,32 @@ async def record_page(
     )
 
 
+async def _verify_config(db: AsyncSession, settings: Settings) -> str:
+    """What verify.js needs: where to read records, how many, the checkpoint and its key."""
+    cp = await latest_checkpoint(db)
+    pem = _public_key_for(settings, cp.key_id) if cp else None
+    async with translate_errors():
+        head = await db.scalar(select(func.max(LedgerRecord.seq)))
+    config = {
+        "records_url": "/console/verify/records",
+        "page": BROWSER_PAGE,
+        "head_seq": int(head or 0),
+        "checkpoint": cp.as_dict() if cp else None,
+        "public_key_spki_b64": public_key_der_b64(pem) if pem else None,
+    }
+    return json.dumps(config).replace("<", "\\u003c")
+
+
 @get("/console/verify", name="console:verify")
 async def verify_page(
     request: AnyRequest, db_session: AsyncSession, settings: Settings
 ) -> Template:
-    cp = await latest_checkpoint(db_session)
-    pem = _public_key_for(settings, cp.key_id) if cp else None
-    config = {
-        "records_url": "/console/verify/records",
-        "page": BROWSER_PAGE,
-        "checkpoint": cp.as_dict() if cp else None,
-        "public_key_spki_b64": public_key_der_b64(pem) if pem else None,
-    }
     return render(
         request,
         "verify.html",
         title="Verify the ledger",
         report=None,
-        config_json=json.dumps(config).replace("<", "\\u003c"),
+        config_json=await _verify_config(db_session, settings),
     )
 
 
@@ -214,20 +222,12 @@ async def verify_run(request: AnyRequest, db_session: AsyncSession, settings: Se
     """The server's own full verification (the same as `flexgate audit verify`)."""
     await csrf_form(request)
     report = await verify(db_session, public_keys=trusted_public_keys(settings.home), workers=1)
-    cp = await latest_checkpoint(db_session)
-    pem = _public_key_for(settings, cp.key_id) if cp else None
-    config = {
-        "records_url": "/console/verify/records",
-        "page": BROWSER_PAGE,
-        "checkpoint": cp.as_dict() if cp else None,
-        "public_key_spki_b64": public_key_der_b64(pem) if pem else None,
-    }
     return render(
         request,
         "verify.html",
         title="Verify the ledger",
         report=report.as_dict(),
-        config_json=json.dumps(config).replace("<", "\\u003c"),
+        config_json=await _verify_config(db_session, settings),
     )
 
 

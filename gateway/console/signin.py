@@ -123,6 +123,7 @@ async def signin(request: AnyRequest) -> Template | Redirect:
     store = store_of(request.scope)
     if old is not None:
         await store.delete(old.id)
+    await store.delete_expired()  # sessions nobody came back to
     sess = await store.create(
         principal=identity.id,
         roles=sorted(identity.roles),

@@ -7,6 +7,10 @@
   const bar = document.getElementById("verify-progress");
   const count = document.getElementById("verify-count");
   const out = document.getElementById("verify-result");
+  function progress(done) {
+    bar.max = Math.max(done, config.head_seq || 0, 1); bar.value = done;
+    count.textContent = done + " of " + Math.max(done, config.head_seq || 0) + " records checked";
+  }
   function finish(ok, text) { out.className = "result " + (ok ? "ok" : "bad"); out.textContent = text; button.disabled = false; }
 
   async function run() {
@@ -21,6 +25,7 @@
       if (!resp.ok) return finish(false, "Stopped: the server answered " + resp.status + " while reading records after seq " + after + ".");
       const page = await resp.json();
       for (const r of page.records) {
+        progress(expected - 1);
         if (r.seq !== expected) return finish(false, "Failed at seq " + expected + ": the record is missing (next one is " + r.seq + ").");
         if (r.prev_hash !== prev) return finish(false, "Failed at seq " + r.seq + ": its prev_hash is not the previous record's hash (the chain is broken).");
         const h = await L.recordHash(r);
@@ -31,10 +36,10 @@
           rootChecked = true;
         }
         prev = r.hash; expected += 1;
+        if (expected % 100 === 0) progress(expected - 1);
       }
       after = expected - 1;
-      bar.max = Math.max(after, cp ? cp.size : 1, 1); bar.value = after;
-      count.textContent = after + " records checked";
+      progress(after);
       if (page.next_after === null) break;
     }
     if (!cp) return finish(true, "Verified " + (expected - 1) + " records (chain only: there is no signed checkpoint yet).");
