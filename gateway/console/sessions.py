@@ -30,6 +30,7 @@ CSRF_BYTES = 32
 # Writing last-seen on every page would rewrite the file per request; a few seconds of slack
 # in the idle timeout is harmless.
 TOUCH_EVERY_S = 5.0
+GRACE_S = 3600
 
 
 @dataclass
@@ -105,8 +106,10 @@ class SessionStore:
         return sess
 
     async def save(self, sess: ConsoleSession) -> None:
-        remaining = max(1, int(min(sess.not_after, sess.last_seen + self.idle_s) - time.time()))
-        await self._store.set(sess.id, sess.to_json(), expires_in=remaining)
+        # The file outlives the session by a grace period, so that the next page can still
+        # say why the session ended; `delete_expired` sweeps what nobody came back to.
+        remaining = min(sess.not_after, sess.last_seen + self.idle_s) - time.time()
+        await self._store.set(sess.id, sess.to_json(), expires_in=max(1, int(remaining)) + GRACE_S)
 
     async def load(
         self, session_id: str, *, now: float | None = None

@@ -279,3 +279,70 @@ async def test_admin_sets_key_limits_with_errors_beside_the_fields(
         limits = await get_limits(s, key_id)
     assert (limits.rpm, limits.tpm, limits.max_parallel) == (10, None, 2)
     assert "10 / default / 2" in (await gw_client.get("/console/admin/keys")).text
+
+
+async def test_a_session_opened_in_one_worker_is_valid_and_ended_in_another(
+    gw_client: Client, gw_world: GwWorld, gw_engine: Any
+) -> None:
+    """Two app instances on one FLEXGATE_HOME and database, as `--workers 2` runs them."""
+    from gateway.app import create_app
+
+    r = await sign_in(gw_client, gw_world.keys["data_owner"])
+    cookie = r.cookies["flexgate_console"]
+    async with AsyncTestClient(app=create_app(gw_world.settings, engine=gw_engine)) as other:
+        other.cookies.set("flexgate_console", cookie, path="/console")
+        page = await other.get("/console/experts")
+        assert page.status_code == 200 and "Signed in as <strong>owner-code" in page.text
+        r = await other.post(
+            "/console/signout", data={"_csrf": csrf_of(page.text)}, follow_redirects=False
+        )
+        assert r.status_code == 303
+    r = await gw_client.get("/console/experts", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/console/signin")
+
+
+async def test_oidc_token_sign_in_ends_when_the_token_expires(
+    gw_app: Litestar, gw_client: Client, gw_world: GwWorld, tmp_path: Any
+) -> None:
+    import asyncio
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from governance.oidc import JwtVerifier, OidcSettings
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid="k1", alg="RS256", use="sig")
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    gw_app.state.jwt = JwtVerifier(
+        OidcSettings(
+            issuer="https://idp.test", audience="flexgate", jwks=str(tmp_path / "jwks.json")
+        )
+    )
+    now = int(time.time())
+    token = jwt.encode(
+        {
+            "iss": "https://idp.test",
+            "aud": "flexgate",
+            "sub": "owner-code",
+            "roles": ["data_owner"],
+            "iat": now,
+            "exp": now + 2,
+        },
+        key,
+        algorithm="RS256",
+        headers={"kid": "k1"},
+    )
+    signin = await gw_client.get("/console/signin")
+    assert "OIDC bearer token" in signin.text
+    r = await sign_in(gw_client, token)
+    assert r.status_code == 303
+    page = await gw_client.get("/console/experts")
+    assert page.status_code == 200 and "owner-code" in page.text
+    stored = [f.read_bytes() for f in (gw_world.settings.home / "console-sessions").iterdir()]
+    assert stored and not any(token.encode() in b for b in stored)  # the token is not kept
+    await asyncio.sleep(max(0.0, now + 2.2 - time.time()))
+    r = await gw_client.get("/console/experts", follow_redirects=False)
+    assert r.status_code == 303 and "ended=expired" in r.headers["location"]
