@@ -21,6 +21,7 @@ from litestar.response import Response, Stream, Template
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from audit import canonical as audit_canonical
 from audit.checkpoints import inclusion_proof, latest_checkpoint
 from audit.db import translate_errors
 from audit.errors import InvalidQuery
@@ -47,6 +48,9 @@ from governance.errors import UnknownExpert
 from governance.identity import Identity
 
 PAGE_SIZE = 50
+# The first line of every record hash in the ledger format this server writes (v1:
+# "flexgate-record/v1\n"; the format before v1 had none). Sent to the browser's checker.
+RECORD_DOMAIN: str = getattr(audit_canonical, "RECORD_DOMAIN", "")
 BROWSER_PAGE = 500
 
 
@@ -172,6 +176,7 @@ async def record_page(
     check = {
         "record": record,
         "scoped": scope is not None,
+        "record_domain": RECORD_DOMAIN,
         "proof": proof,
         "public_key_spki_b64": public_key_der_b64(pem) if pem else None,
     }
@@ -198,6 +203,7 @@ async def _verify_config(db: AsyncSession, settings: Settings) -> str:
         "records_url": "/console/verify/records",
         "page": BROWSER_PAGE,
         "head_seq": int(head or 0),
+        "record_domain": RECORD_DOMAIN,
         "checkpoint": cp.as_dict() if cp else None,
         "public_key_spki_b64": public_key_der_b64(pem) if pem else None,
     }

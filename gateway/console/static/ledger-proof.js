@@ -4,6 +4,10 @@
 "use strict";
 (function (global) {
   const FORMAT = {
+    // Ledger format v1 (docs/audit.md): each record hash starts with this line. The page may
+    // set it from the server (`useFormat`) while a ledger of the format before v1 (no prefix)
+    // is still being served.
+    recordDomain: "flexgate-record/v1\n",
     // The checkpoint signature's domain-separation prefix.
     checkpointDomain: "flexgate-checkpoint/v1\n",
     // Hash of the first record's predecessor.
@@ -57,7 +61,12 @@
     throw new Error("cannot encode " + typeof value);
   }
 
-  // hash = SHA-256(prev_hash as ASCII hex || canonical JSON of the record body). The body's
+  function useFormat(options) {
+    if (options && typeof options.recordDomain === "string") FORMAT.recordDomain = options.recordDomain;
+  }
+
+  // hash = SHA-256(record domain line || prev_hash as ASCII hex || canonical JSON of the
+  // record body); canonical JSON is RFC 8785 (JCS). The body's
   // members in canonical (sorted) order are at, id, kind, payload, principal, seq. When the
   // server sends the payload exactly as stored (`payload_text`, the bytes that were hashed),
   // it is used as is; otherwise the parsed payload is re-encoded canonically.
@@ -70,7 +79,7 @@
   }
 
   async function recordHash(r) {
-    return hex(await sha256(concat(enc.encode(r.prev_hash), enc.encode(recordBody(r)))));
+    return hex(await sha256(enc.encode(FORMAT.recordDomain + r.prev_hash + recordBody(r))));
   }
 
   async function leafHash(recordHashHex) {
@@ -144,7 +153,7 @@
 
   global.document.documentElement.classList.add("js");
   global.FlexgateLedger = {
-    FORMAT, hasCrypto, hex, unhex, sha256, canonicalJson, recordBody, recordHash, leafHash, nodeHash,
+    FORMAT, useFormat, hasCrypto, hex, unhex, sha256, canonicalJson, recordBody, recordHash, leafHash, nodeHash,
     rootFromInclusion, Frontier, checkpointMessage, checkCheckpoint,
   };
 })(window);

@@ -5,6 +5,7 @@
   const out = document.getElementById("proof-result");
   const steps = document.getElementById("proof-steps");
   const data = JSON.parse(document.getElementById("check-data").textContent);
+  L.useFormat({ recordDomain: data.record_domain });
   function step(ok, text) {
     const li = document.createElement("li");
     li.className = ok ? "ok" : "bad";

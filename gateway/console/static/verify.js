@@ -3,6 +3,7 @@
 (function () {
   const L = window.FlexgateLedger;
   const config = JSON.parse(document.getElementById("verify-config").textContent);
+  L.useFormat({ recordDomain: config.record_domain });
   const button = document.getElementById("verify-start");
   const bar = document.getElementById("verify-progress");
   const count = document.getElementById("verify-count");

@@ -255,3 +255,75 @@ def test_officer_filters_proves_and_sees_tampering(server: Server, new_page: Any
         first = f.readline()
     assert first.startswith('{"flexgate_export"')
     shot(page, "officer-export")
+
+
+# Ledger format v1 known answers (docs/audit.md on the audit branch: RFC 8785 bodies, hashes,
+# tree and checkpoint signature), computed there with hashlib, the `rfc8785` package and
+# `cryptography`: the browser's re-encoding path (used when no stored payload text is sent)
+# and its proof and signature code must reproduce them.
+V1_JS = r"""
+async () => {
+  const L = window.FlexgateLedger;
+  L.useFormat({recordDomain: "flexgate-record/v1\n"});
+  const recs = [
+    {seq: 1, id: "00000000-0000-4000-8000-000000000001", kind: "inference",
+     at: "2026-11-28T12:00:00.123456Z", principal: "app-1",
+     payload: {purpose: "research", usage: {public: {tokens: 3, weight: 1.5},
+               code: {tokens: 0, weight: 0.0}}, note: 'é\u2028"x"\n', big: 1e21, small: 1e-7,
+               n: -0.0}},
+    {seq: 2, id: "00000000-0000-4000-8000-000000000002", kind: "license.granted",
+     at: "2026-11-28T12:00:00.500000Z", principal: "owner-1",
+     payload: {expert: "code", grantee: "app-1", purposes: ["research"]}},
+    {seq: 3, id: "00000000-0000-4000-8000-000000000003", kind: "expert.withdrawn",
+     at: "2026-11-28T12:00:01.000000Z", principal: null,
+     payload: {expert: "\u{1F600}", "\u00e9": 1, "\u{1F600}k": 2, "\uffee": 3}},
+  ];
+  let prev = L.FORMAT.genesis;
+  const hashes = [];
+  const frontier = new L.Frontier();
+  for (const r of recs) {
+    const h = await L.recordHash({...r, prev_hash: prev});
+    hashes.push(h); prev = h;
+    await frontier.append(await L.leafHash(h));
+  }
+  return {hashes, root: L.hex(await frontier.root()), body3: L.recordBody(recs[2])};
+}
+"""
+V1_HASHES = [
+    "5d5514d0df2499eda0719479f25e7349ba7e04bbcbe4b358b44133418a1da819",
+    "ac2ef469d3faa372a882ed0160a4a1cf3ad10f683df36cd757e15575b4260805",
+    "1ced4326b10971d9a34160076381d6c471dc6abf6a3d43dbf7bc519c40fc6c85",
+]
+V1_ROOT = "bdea16351783071e7c2f4d124243f93d0186f6d15868e4f55238726b6a1078b3"
+V1_CHECKPOINT = {
+    "size": 3,
+    "root": V1_ROOT,
+    "at": "2026-11-28T12:00:02.000000Z",
+    "key_id": "56475aa75463474c0285df5dbf2bcab73da651358839e9b77481b2eab107708c",
+    "signature": "664b9078c102d1c47a55d3072c3c7ef61f70ea640fc3eadc27020d03cfbc6279"
+    "443c710cd91cd6918210cd444b081c3332be5753ff0cdbda3bc14a02fd91bc05",
+}
+
+
+def test_browser_checker_reproduces_the_v1_known_answers(server: Server, new_page: Any) -> None:
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    page = new_page("officer")
+    page.goto("/console/verify")
+    out = page.evaluate(V1_JS)
+    assert out["hashes"] == V1_HASHES
+    assert out["root"] == V1_ROOT
+    assert out["body3"].startswith('{"at":"2026-11-28T12:00:01.000000Z"')
+    public = Ed25519PrivateKey.from_private_bytes(bytes(range(32))).public_key()
+    spki = base64.b64encode(
+        public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    ).decode()
+    check = "([cp, k]) => window.FlexgateLedger.checkCheckpoint(cp, k)"
+    assert page.evaluate(check, [V1_CHECKPOINT, spki]) == {"ok": True}
+    forged = {**V1_CHECKPOINT, "size": 4}
+    assert page.evaluate(check, [forged, spki])["ok"] is False
