@@ -329,6 +329,14 @@ def test_csrf_and_session_timeouts(server: Server, new_page: Any) -> None:
 def test_application_key_has_no_console_pages(server: Server, new_page: Any) -> None:
     page = new_page("app-1")
     expect(page.get_by_text("Your role has no console pages")).to_be_visible()
+    # Keyboard first: the skip link, then the sign-out button, are reachable with Tab.
+    page.keyboard.press("Tab")
+    expect(page.locator(":focus")).to_have_text("Skip to content")
+    for _ in range(5):
+        page.keyboard.press("Tab")
+        if page.locator(":focus").inner_text() == "Sign out":
+            break
+    expect(page.locator(":focus")).to_have_text("Sign out")
     for path in ("/console/ledger", "/console/experts", "/console/admin/keys", "/console/verify"):
         resp = page.goto(path)
         assert resp is not None and resp.status == 403, path
