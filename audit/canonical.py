@@ -1,4 +1,9 @@
-"""Canonical encoding and hashing of ledger records (DESIGN.md, "Ledger record contract").
+"""Canonical encoding and hashing of ledger records, format v1 (docs/audit.md).
+
+Canonical JSON is RFC 8785 (`audit.jcs`). A record's hash is
+`SHA-256("flexgate-record/v1\n" || prev_hash as 64 lower-case hex ASCII || JCS(body))` with
+body `{seq, id, kind, at, principal, payload}`: the leading line names the format, so a record
+of another version can never be read as one of this.
 
 Two ways to the same bytes: `record_hash` follows the contract literally (build the body dict,
 canonical JSON, SHA-256) and is what an offline verifier uses; `stored_record_hash` builds the
@@ -17,17 +22,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
+from audit.jcs import canonicalize
+
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+FORMAT_VERSION = 1
+RECORD_DOMAIN = "flexgate-record/v1\n"
+_RECORD_DOMAIN_BYTES = RECORD_DOMAIN.encode("ascii")
+# Years the fixed-width time text can hold (strftime's %Y is not zero-padded below 1000).
+MIN_YEAR, MAX_YEAR = 1970, 9999
+# An escaped U+0000 in JSON text: `\u0000` preceded by an even number of backslashes.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def canonical_json(obj: Any) -> bytes:
-    """Sorted keys, no insignificant whitespace, UTF-8; NaN and infinities are refused."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    """RFC 8785 (JCS) bytes of `obj`; ValueError (`audit.jcs.JCSError`) if it has none."""
+    return canonicalize(obj)
+
+
+def has_nul(json_text: str) -> bool:
+    """Whether JSON text holds an escaped U+0000 (which PostgreSQL's jsonb refuses)."""
+    return "u0000" in json_text and _NUL_ESCAPE.search(json_text) is not None
 
 
 def format_time(at: datetime) -> str:
@@ -41,11 +59,21 @@ def format_time(at: datetime) -> str:
 
 
 def parse_time(text: str) -> datetime:
-    """ISO 8601 / RFC 3339 text to an aware UTC datetime; naive input and bare dates mean UTC."""
-    value = datetime.fromisoformat(text.strip())
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    """ISO 8601 / RFC 3339 text to an aware UTC datetime; naive input and bare dates mean UTC.
+
+    ValueError for text that is not a time, or a time outside the years MIN_YEAR..MAX_YEAR
+    (which the fixed-width stored form cannot hold).
+    """
+    try:
+        value = datetime.fromisoformat(text.strip())
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is out of range") from None
+    if not MIN_YEAR <= value.year <= MAX_YEAR:
+        raise ValueError(f"{text!r} is outside the years {MIN_YEAR}..{MAX_YEAR}")
+    return value
 
 
 def json_string(value: str) -> str:
@@ -76,7 +104,7 @@ def stored_record_hash(
     body = body_text(
         seq=seq, id=id, kind=kind, at=at, principal=principal, payload_text=payload_text
     )
-    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+    return hashlib.sha256((RECORD_DOMAIN + prev_hash + body).encode("utf-8")).hexdigest()
 
 
 def record_hash(
@@ -89,7 +117,9 @@ def record_hash(
     principal: str | None,
     payload: dict[str, Any],
 ) -> str:
-    """hash = SHA-256(prev_hash as ASCII hex || canonical JSON of the record body)."""
+    """hash = SHA-256("flexgate-record/v1\\n" || prev_hash as ASCII hex || JCS(record body)).
+
+    The definition (an offline verifier's path): the body is encoded from the values."""
     body = {
         "seq": seq,
         "id": id,
@@ -98,4 +128,6 @@ def record_hash(
         "principal": principal,
         "payload": payload,
     }
-    return hashlib.sha256(prev_hash.encode("ascii") + canonical_json(body)).hexdigest()
+    return hashlib.sha256(
+        _RECORD_DOMAIN_BYTES + prev_hash.encode("ascii") + canonical_json(body)
+    ).hexdigest()

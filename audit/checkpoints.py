@@ -1,9 +1,8 @@
 """Signed checkpoints of the ledger, and Merkle proofs against them.
 
-A checkpoint `{size, root, at, signature, key_id}` commits to the first `size` records: `root`
-is the RFC 6962/9162 Merkle root over their hashes (leaf data = the 32 raw bytes of a record
-hash) and `signature` is Ed25519 over `b"flexgate-checkpoint/v1\\n"` + canonical JSON of
-`{size, root, at, key_id}`. It is made under the chain-head lock, stored in
+A checkpoint (`audit.format.Checkpoint`) commits to the first `size` records. It is made
+under the chain-head lock, only when the tree extends the latest checkpoint anchored outside
+the database (`audit.anchor`, an RFC 9162 consistency proof), anchored once it commits, stored in
 `ledger_checkpoints`, and recorded in the ledger itself as the `checkpoint` record at seq
 `size + 1`, so deleting or rewriting either copy is detected by verification.
 
@@ -16,19 +15,19 @@ error, never handed out as a proof.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import insert, select
+from sqlalchemy import event, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit import merkle
-from audit.canonical import canonical_json, format_time, parse_time
+from audit.anchor import AnchorError, AnchorRefused, Anchors, refused
+from audit.canonical import format_time, parse_time
 from audit.db import db_errors
 from audit.errors import AuditError, InvalidQuery
+from audit.format import Checkpoint
 from audit.ledger import (
     CHECKPOINT,
     NODE_MIN_LEVEL,
@@ -38,78 +37,26 @@ from audit.ledger import (
     prepare,
 )
 from audit.models import LedgerCheckpoint, LedgerMerkleNode, LedgerRecord
-from audit.signing import Signer, verify_signature
-
-SIGNING_DOMAIN = b"flexgate-checkpoint/v1\n"
-_HEX64 = frozenset("0123456789abcdef")
+from audit.signing import Signer
 
 
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    size: int
-    root: str
-    at: str
-    key_id: str
-    signature: str
-
-    def as_dict(self) -> dict[str, Any]:
-        """The contract's shape, also the payload of the `checkpoint` ledger record."""
-        return {
-            "size": self.size,
-            "root": self.root,
-            "at": self.at,
-            "signature": self.signature,
-            "key_id": self.key_id,
-        }
-
-    def signed_message(self) -> bytes:
-        body = {"size": self.size, "root": self.root, "at": self.at, "key_id": self.key_id}
-        return SIGNING_DOMAIN + canonical_json(body)
-
-    def check_signature(self, keys: Mapping[str, Ed25519PublicKey]) -> str | None:
-        """None when signed by a trusted key, else why not."""
-        key = keys.get(self.key_id)
-        if key is None:
-            return f"checkpoint of size {self.size} is signed by unknown key {self.key_id[:16]}…"
-        if not verify_signature(key, self.signed_message(), self.signature):
-            return f"checkpoint of size {self.size} has an invalid signature (forged or altered)"
-        return None
-
-    @classmethod
-    def from_dict(cls, data: Any) -> Checkpoint:
-        """Parse the contract's shape; ValueError if a field is missing or malformed."""
-        if not isinstance(data, dict):
-            raise ValueError("a checkpoint is a JSON object")
-        try:
-            cp = cls(
-                size=data["size"],
-                root=data["root"],
-                at=data["at"],
-                key_id=data["key_id"],
-                signature=data["signature"],
-            )
-        except KeyError as exc:
-            raise ValueError(f"checkpoint field {exc} is missing") from exc
-        if not isinstance(cp.size, int) or isinstance(cp.size, bool) or cp.size < 0:
-            raise ValueError("checkpoint size must be an integer >= 0")
-        for name in ("root", "at", "key_id", "signature"):
-            if not isinstance(getattr(cp, name), str):
-                raise ValueError(f"checkpoint {name} must be a string")
-        return cp
-
-    @classmethod
-    def _from_row(cls, row: LedgerCheckpoint) -> Checkpoint:
-        return cls(row.size, row.root, row.at, row.key_id, row.signature)
-
-
-def is_hex_hash(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX64
+def _from_row(row: LedgerCheckpoint) -> Checkpoint:
+    return Checkpoint(row.size, row.root, row.at, row.key_id, row.signature)
 
 
 @db_errors
-async def create_checkpoint(session: AsyncSession, signer: Signer) -> Checkpoint:
-    """Sign a checkpoint over every record so far, inside the caller's transaction."""
-    return await _checkpoint_locked(session, await lock_head(session), signer)
+async def create_checkpoint(
+    session: AsyncSession, signer: Signer, *, anchors: Anchors | None = None, reanchor: bool = False
+) -> Checkpoint:
+    """Sign a checkpoint over every record so far, inside the caller's transaction.
+
+    Refused (`AnchorRefused`, nothing written) unless the tree extends the latest anchored
+    checkpoint (`audit.anchor`); the checkpoint is anchored when the transaction commits.
+    `reanchor` skips that proof and starts the anchor again from the ledger as it is (an
+    operator's explicit decision: `flexgate audit checkpoint --reanchor`).
+    """
+    state = await lock_head(session)
+    return await _checkpoint_locked(session, state, signer, anchors, reanchor=reanchor)
 
 
 @db_errors
@@ -119,6 +66,7 @@ async def maybe_checkpoint(
     *,
     every: int | None,
     interval_s: float | None,
+    anchors: Anchors | None = None,
 ) -> Checkpoint | None:
     """Make a checkpoint if `every` records or `interval_s` seconds have passed since the last.
 
@@ -135,17 +83,86 @@ async def maybe_checkpoint(
         due = (
             last is None or (datetime.now(UTC) - parse_time(last.at)).total_seconds() >= interval_s
         )
-    return await _checkpoint_locked(session, state, signer) if due else None
+    return await _checkpoint_locked(session, state, signer, anchors) if due else None
 
 
-async def _checkpoint_locked(session: AsyncSession, state: HeadState, signer: Signer) -> Checkpoint:
+async def check_extends(
+    session: AsyncSession, state: HeadState, anchored: Checkpoint | None
+) -> str | None:
+    """None when the ledger (head `state`) extends `anchored`, proven with an RFC 9162
+    consistency proof assembled from the stored tree; else why not."""
+    if anchored is None or anchored.size == 0:
+        return None
+    size, root = state.seq, state.frontier.root()
+    if anchored.size > size:
+        return (
+            f"the ledger holds {size} records but its anchored checkpoint covers "
+            f"{anchored.size} (restored from an older copy, or truncated)"
+        )
+    try:
+        path = [
+            await StoredTree(session).mth(a, b)
+            for a, b in merkle.consistency_ranges(anchored.size, size)
+        ]
+    except AuditError as exc:
+        return f"no consistency proof from the anchored checkpoint of size {anchored.size}: {exc}"
+    if not merkle.verify_consistency(anchored.size, size, bytes.fromhex(anchored.root), root, path):
+        return (
+            f"the ledger does not extend its anchored checkpoint of size {anchored.size}: "
+            "records it covers were rewritten (the consistency proof fails)"
+        )
+    return None
+
+
+_PENDING = "flexgate_anchor_pending"
+
+
+def _anchor_on_commit(session: AsyncSession, anchors: Anchors, cp: Checkpoint) -> None:
+    """Anchor `cp` once the session's transaction commits (dropped if it rolls back)."""
+    info = session.sync_session.info
+    if _PENDING not in info:
+        info[_PENDING] = []
+
+        def committed(sync_session: Any) -> None:
+            for a, c in sync_session.info.get(_PENDING, []):
+                a.publish(c)
+            sync_session.info[_PENDING] = []
+
+        def rolled_back(sync_session: Any) -> None:
+            sync_session.info[_PENDING] = []
+
+        event.listen(session.sync_session, "after_commit", committed)
+        event.listen(session.sync_session, "after_rollback", rolled_back)
+    info[_PENDING].append((anchors, cp))
+
+
+async def _checkpoint_locked(
+    session: AsyncSession,
+    state: HeadState,
+    signer: Signer,
+    anchors: Anchors | None = None,
+    *,
+    reanchor: bool = False,
+) -> Checkpoint:
+    anchors = anchors or Anchors.from_settings(home=signer.home)
+    if not reanchor:
+        try:
+            anchored = anchors.latest({signer.key_id: signer.public_key})
+        except AnchorError as exc:
+            refused(str(exc))
+            raise AnchorRefused(f"checkpoint refused: {exc}") from exc
+        why = await check_extends(session, state, anchored)
+        if why is not None:
+            refused(why)
+            raise AnchorRefused(f"checkpoint refused: {why}")
     at = format_time(datetime.now(UTC))
     if state.at is not None and at < state.at:
         at = state.at
     unsigned = Checkpoint(state.seq, state.frontier.root().hex(), at, signer.key_id, "")
     cp = replace(unsigned, signature=signer.sign(unsigned.signed_message()))
-    await append_locked(session, state, [prepare(CHECKPOINT, None, cp.as_dict())])
+    await append_locked(session, state, [prepare(CHECKPOINT, None, cp.as_dict(), _signer=True)])
     await session.execute(insert(LedgerCheckpoint).values(**cp.as_dict()))
+    _anchor_on_commit(session, anchors, cp)
     return cp
 
 
@@ -154,13 +171,13 @@ async def latest_checkpoint(session: AsyncSession) -> Checkpoint | None:
     row = await session.scalar(
         select(LedgerCheckpoint).order_by(LedgerCheckpoint.size.desc()).limit(1)
     )
-    return None if row is None else Checkpoint._from_row(row)
+    return None if row is None else _from_row(row)
 
 
 @db_errors
 async def get_checkpoint(session: AsyncSession, size: int) -> Checkpoint | None:
     row = await session.get(LedgerCheckpoint, size)
-    return None if row is None else Checkpoint._from_row(row)
+    return None if row is None else _from_row(row)
 
 
 @db_errors
@@ -173,7 +190,7 @@ async def list_checkpoints(
     stmt = select(LedgerCheckpoint).order_by(LedgerCheckpoint.size).limit(limit)
     if after is not None:
         stmt = stmt.where(LedgerCheckpoint.size > after)
-    return [Checkpoint._from_row(r) for r in (await session.scalars(stmt)).all()]
+    return [_from_row(r) for r in (await session.scalars(stmt)).all()]
 
 
 class StoredTree:

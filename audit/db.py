@@ -6,7 +6,9 @@ history in migrations/ creates them; nothing here calls `create_all`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,8 +24,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase
 
-from audit import settings
-from audit.errors import DatabaseUnavailable, SchemaOutOfDate
+from audit.errors import AuditError, DatabaseUnavailable, SchemaOutOfDate
+from contracts.settings import Settings
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -65,20 +67,32 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(url: str | None = None, **kwargs: Any) -> AsyncEngine:
-    """Create an async engine for `url` (default: settings.database_url())."""
-    url = url or settings.database_url()
+    """Create an async engine for `url` (default: Settings.from_env().database_url)."""
+    url = url or Settings.from_env().database_url
     if is_sqlite(url):
-        path = url.split("///", 1)[-1]
+        path = url.split("///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:":
             try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                create_private_file(Path(path))
             except OSError as exc:
-                raise DatabaseUnavailable(f"cannot create the database folder: {exc}") from exc
+                raise DatabaseUnavailable(f"cannot create the database file: {exc}") from exc
         engine = create_async_engine(url, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_async_engine(url, **kwargs)
+
+
+def create_private_file(path: Path) -> None:
+    """Create the SQLite file (and its folder, 0700) with mode 0600 if it does not exist, so
+    the ledger is never readable by others; SQLite gives its -wal and -shm files the same
+    mode. An existing file keeps its mode."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -120,7 +134,9 @@ def alembic_config(url: str | None = None) -> Any:
     root = Path(__file__).resolve().parent.parent
     cfg = Config(str(root / "alembic.ini"))
     cfg.set_main_option("script_location", str(root / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", (url or settings.database_url()).replace("%", "%%"))
+    cfg.set_main_option(
+        "sqlalchemy.url", (url or Settings.from_env().database_url).replace("%", "%%")
+    )
     return cfg
 
 
@@ -158,7 +174,61 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
-def downgrade(url: str | None, revision: str) -> None:
+LEDGER_REVISION = "0001_ledger"  # the migration that creates the ledger's tables
+
+
+class LedgerDestructionRefused(AuditError):
+    """A downgrade would drop the ledger while it holds records, without explicit consent."""
+
+
+def downgrade(url: str | None, revision: str, *, destroy_ledger: bool = False) -> None:
+    """Migrate down to `revision`. Below the ledger's creation while it holds records this
+    is refused (LedgerDestructionRefused) unless `destroy_ledger`: the records are the
+    evidence. The migration itself checks the same (for plain `alembic downgrade`)."""
     from alembic import command
 
-    command.downgrade(alembic_config(url), revision)
+    cfg = alembic_config(url)
+    if _drops_ledger(cfg, revision) and not destroy_ledger:
+        count = asyncio.run(_ledger_records(url or Settings.from_env().database_url))
+        if count:
+            raise LedgerDestructionRefused(
+                f"downgrading to {revision} drops the audit ledger and its {count} records: "
+                "export it first (`flexgate audit export`), then pass "
+                "--i-understand-this-destroys-the-ledger"
+            )
+    cfg.attributes["flexgate_destroy_ledger"] = destroy_ledger
+    command.downgrade(cfg, revision)
+
+
+def _drops_ledger(cfg: Any, revision: str) -> bool:
+    """Whether migrating down to `revision` undoes the ledger's migration."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(cfg)
+    if revision in ("base", "0"):
+        return True
+    if revision.startswith("-"):
+        return True  # relative: resolved by Alembic; the migration's own check decides
+    try:
+        target = script.get_revision(revision)
+    except Exception:
+        return False  # Alembic reports the unknown revision itself
+    if target is None:
+        return True
+    below = {r.revision for r in script.iterate_revisions(target.revision, "base")}
+    return LEDGER_REVISION not in below
+
+
+async def _ledger_records(url: str) -> int:
+    from sqlalchemy import text
+
+    engine = make_engine(url)
+    try:
+        async with translate_errors(), engine.connect() as conn:
+            try:
+                count = (await conn.execute(text("SELECT count(*) FROM ledger_records"))).scalar()
+                return int(count or 0)
+            except DBAPIError:
+                return 0  # no ledger table: nothing to destroy
+    finally:
+        await engine.dispose()

@@ -1,7 +1,7 @@
 """The payload of an `inference` ledger record (DESIGN.md, "Ledger record contract").
 
 One function builds it, so every inference record has the same fields, types and rounding,
-and the operator switch for raw text (FLEXGATE_AUDIT_STORE_TEXT, `settings.store_raw_text`)
+and the operator switch for raw text (FLEXGATE_AUDIT_STORE_TEXT, `Settings.audit_store_text`)
 is applied in one place: by default only the prompt's SHA-256 is kept; with the switch on,
 the prompt and completion text are added to the payload and so are covered by its hash.
 """
@@ -13,8 +13,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from audit import settings
 from audit.canonical import canonical_json
+from contracts.settings import Settings
 
 STATUSES = frozenset({"ok", "error", "cancelled"})
 Prompt = str | Sequence[Mapping[str, Any]]
@@ -94,7 +94,7 @@ def inference_payload(
         "duration_ms": round(float(duration_ms), 3),
         "trace_id": trace_id,
     }
-    if settings.store_raw_text() if store_raw_text is None else store_raw_text:
+    if Settings.from_env().audit_store_text if store_raw_text is None else store_raw_text:
         payload["prompt"] = prompt if isinstance(prompt, str) else [dict(m) for m in prompt]
         payload["completion"] = completion
     return payload

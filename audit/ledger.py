@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from audit.canonical import canonical_json, format_time, parse_time, stored_record_hash
+from audit.canonical import canonical_json, format_time, has_nul, parse_time, stored_record_hash
 from audit.db import db_errors
 from audit.merkle import Frontier, leaf_hash
 from audit.models import GENESIS_HASH, LedgerHead, LedgerMerkleNode, LedgerRecord
@@ -42,6 +42,7 @@ DEFAULT_PURPOSE = "general"
 # summary's sums cannot overflow a bigint or a float8 and a fold can never fail on a record.
 MAX_USAGE = 2**40
 _KIND_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,21 +88,50 @@ class Prepared:
     payload_text: str
 
 
-def prepare(kind: str, principal: str | None, payload: dict[str, Any]) -> Prepared:
-    """Validate and canonically encode one record; ValueError if it cannot be appended."""
+def prepare(
+    kind: str, principal: str | None, payload: dict[str, Any], *, _signer: bool = False
+) -> Prepared:
+    """Validate and canonically encode one record; ValueError if it cannot be appended.
+
+    Everything a database could refuse is refused here, before the record joins a batch, so
+    a bad record fails alone: a principal must hold no control character (U+0000 among
+    them) and no lone surrogate and the payload must have an RFC 8785 encoding without
+    U+0000 (PostgreSQL's jsonb refuses it, which would break every query and fold reading
+    the record). Kind `checkpoint` is reserved to the checkpoint signer (`_signer`).
+    """
     if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
         raise ValueError(f"invalid record kind {kind!r}: 1-64 of a-z 0-9 _ . - , lower case first")
-    if principal is not None and (not isinstance(principal, str) or not 0 < len(principal) <= 255):
-        raise ValueError("principal must be None or a string of 1-255 characters")
+    if kind == CHECKPOINT and not _signer:
+        raise ValueError("record kind 'checkpoint' is reserved to the checkpoint signer")
+    if principal is not None and (
+        not isinstance(principal, str)
+        or not 0 < len(principal) <= 255
+        or _CONTROL_RE.search(principal) is not None
+        or not _is_scalar_text(principal)
+    ):
+        raise ValueError(
+            "principal must be None or 1-255 characters, with no control character "
+            "(U+0000-U+001F, U+007F) and no lone surrogate"
+        )
     if not isinstance(payload, dict):
         raise ValueError("payload must be a JSON object (a dict)")
     try:
         text = canonical_json(payload).decode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"payload cannot be encoded as canonical JSON: {exc}") from exc
+    if has_nul(text):
+        raise ValueError("payload holds U+0000, which the ledger refuses")
     if kind == INFERENCE:
         inference_usage(payload)  # the summary's fold reads it back (audit.summary)
     return Prepared(kind, principal, payload, text)
+
+
+def _is_scalar_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def inference_usage(payload: dict[str, Any]) -> tuple[str, tuple[tuple[str, int, float], ...]]:

@@ -11,6 +11,13 @@ Expert filters (`expert_mode`): `used` — the expert computed tokens for the re
 (any reason); `any` — allowed, excluded, or a governance record naming it (`payload.expert`),
 which is what a data owner may see about their experts.
 
+Owner scope (`scope_experts`, the experts a data owner owns, computed by the gateway): an
+inference record (`inference`, `inference.started`, `inference.aborted`) is in scope only
+when one of those experts was allowed to run in it, and it is returned redacted
+(`owner_view`): purpose, status and, for those experts only, allowed/excluded status and
+usage; never the text, the prompt hash, the other experts or their usage. A governance record
+is in scope when it names one of them (`payload.expert`), and is returned whole.
+
 Usage aggregation reads the `ledger_usage` summary and the short tail of records not yet folded
 into it (`audit.summary`), so it costs about the same at a thousand records or a billion;
 bounds inside an hour add a scan of just those part-hours.
@@ -21,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
@@ -29,6 +36,7 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Text,
+    and_,
     cast,
     exists,
     func,
@@ -48,6 +56,8 @@ from audit.models import PAYLOAD_TEXT, RECORD_COLUMNS, LedgerRecord
 from audit.summary import usage_cells
 
 MAX_LIMIT = 1000
+MAX_SEQ = 2**63 - 1  # seqs are bigints: a larger cursor is bad input, not a database error
+INFERENCE_KINDS = (INFERENCE, "inference.started", "inference.aborted")
 EXPERT_MODES = ("used", "allowed", "excluded", "any")
 STATUSES = ("ok", "error", "cancelled")
 # The same character sets as governance.names (audit imports nothing of governance).
@@ -127,6 +137,8 @@ class RecordQuery:
     scope_experts: tuple[str, ...] | None = field(default=None)
 
     def __post_init__(self) -> None:
+        if self.scope_experts is not None and isinstance(self.scope_experts, str):
+            raise InvalidQuery("scope_experts is a collection of expert ids, not one string")
         _check(self.kind, _KIND_RE, "kind")
         _check(self.principal, _PRINCIPAL_RE, "principal")
         _check(self.expert, _ID_RE, "expert")
@@ -139,7 +151,7 @@ class RecordQuery:
             )
         if self.status is not None and self.status not in STATUSES:
             raise InvalidQuery(f"invalid status {self.status!r}: one of {', '.join(STATUSES)}")
-        _parse_int(self.after, "after", 0, None)
+        _parse_int(self.after, "after", 0, MAX_SEQ)
         _parse_int(self.limit, "limit", 1, MAX_LIMIT)
         for name in ("since", "until"):
             value = getattr(self, name)
@@ -165,7 +177,7 @@ class RecordQuery:
             if not isinstance(value, str | int):
                 raise InvalidQuery(f"filter {name} takes one value")
             values[name] = value
-        after = _parse_int(values.pop("after", None), "after", 0, None)
+        after = _parse_int(values.pop("after", None), "after", 0, MAX_SEQ)
         limit = _parse_int(values.pop("limit", None), "limit", 1, MAX_LIMIT)
         since = parse_when(values.pop("since", None), "since")
         until = parse_when(values.pop("until", None), "until")
@@ -261,9 +273,57 @@ def _conditions(query: RecordQuery, dialect: str) -> list[ColumnElement[bool]]:
     if query.expert is not None:
         where.append(j.expert(query.expert, query.expert_mode))
     if query.scope_experts is not None:
-        scope = [j.about(e) for e in query.scope_experts]
-        where.append(or_(*scope) if scope else literal(False))
+        experts = query.scope_experts
+        if not experts:
+            where.append(literal(False))
+        else:
+            inference = LedgerRecord.kind.in_(INFERENCE_KINDS)
+            where.append(
+                or_(
+                    and_(inference, or_(*[j.allowed(e) for e in experts])),
+                    and_(~inference, or_(*[j.text("expert") == e for e in experts])),
+                )
+            )
     return where
+
+
+def owner_view(entry: Entry, experts: Sequence[str]) -> Entry:
+    """An inference record as a data owner owning `experts` may see it (module docstring):
+    the payload is replaced by `{"redacted": true, "purpose", "status", "experts": {id:
+    {"allowed", "excluded", "tokens", "weight"}}}` for those experts only. The record's hash
+    is kept (it identifies the record in proofs); the redacted payload does not hash to it."""
+    p = entry.payload
+    allowed = p.get("experts_allowed")
+    allowed = set(allowed) if isinstance(allowed, list) else set()
+    excluded = p.get("experts_excluded")
+    excluded = excluded if isinstance(excluded, dict) else {}
+    used = p.get("usage")
+    used = used if isinstance(used, dict) else {}
+    view: dict[str, Any] = {}
+    for expert in sorted(set(experts)):
+        if expert not in allowed and expert not in excluded:
+            continue
+        item = used.get(expert)
+        item = item if isinstance(item, dict) else {}
+        view[expert] = {
+            "allowed": expert in allowed,
+            "excluded": excluded.get(expert),
+            "tokens": item.get("tokens", 0),
+            "weight": item.get("weight", 0.0),
+        }
+    payload = {
+        "redacted": True,
+        "purpose": p.get("purpose"),
+        "status": p.get("status"),
+        "experts": view,
+    }
+    return replace(entry, payload=payload)
+
+
+def _scoped(entry: Entry, scope: Sequence[str] | None) -> Entry:
+    if scope is None or entry.kind not in INFERENCE_KINDS:
+        return entry
+    return owner_view(entry, scope)
 
 
 @db_errors
@@ -277,7 +337,7 @@ async def query_records(session: AsyncSession, query: RecordQuery) -> Page:
         .limit(query.limit)
     )
     rows = (await conn.execute(stmt)).all()
-    records = [entry_of(r) for r in rows]
+    records = [_scoped(entry_of(r), query.scope_experts) for r in rows]
     more = len(records) == query.limit
     return Page(records, records[-1].seq if more and records else None)
 
@@ -286,8 +346,9 @@ async def query_records(session: AsyncSession, query: RecordQuery) -> Page:
 async def get_record(
     session: AsyncSession, seq: int, *, scope_experts: Sequence[str] | None = None
 ) -> Entry | None:
-    """Record `seq`, or None (also None when `scope_experts` is given and it is not about them)."""
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+    """Record `seq`, or None (also None when `scope_experts` is given and it is not in that
+    owner's scope; an inference record in scope comes redacted, see `owner_view`)."""
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= MAX_SEQ:
         raise InvalidQuery(f"invalid seq {seq!r}: expected a whole number >= 1")
     query = RecordQuery(
         scope_experts=None if scope_experts is None else tuple(scope_experts), limit=1
@@ -295,7 +356,7 @@ async def get_record(
     conn = await session.connection()
     where = [LedgerRecord.seq == seq, *_conditions(query, conn.dialect.name)]
     row = (await conn.execute(select(*RECORD_COLUMNS).where(*where))).first()
-    return None if row is None else entry_of(row)
+    return None if row is None else _scoped(entry_of(row), query.scope_experts)
 
 
 # --- usage ---

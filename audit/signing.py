@@ -12,27 +12,20 @@ key_id = SHA-256 of the raw 32-byte public key, in hex.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from audit import settings
 from audit.errors import SigningKeyError
+from audit.format import KeyFormatError, key_id_of, parse_public_key
+from contracts.settings import Settings
 
 PRIVATE_KEY_FILE = "audit-signing-key.pem"
 PUBLIC_KEY_FILE = "audit-signing-key.pub.pem"
-
-
-def key_id_of(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
 
 
 def public_key_pem(public_key: Ed25519PublicKey) -> str:
@@ -44,47 +37,43 @@ def public_key_pem(public_key: Ed25519PublicKey) -> str:
 def load_public_key(pem: str | bytes) -> Ed25519PublicKey:
     """An Ed25519 public key from PEM text; SigningKeyError if it is anything else."""
     try:
-        key = serialization.load_pem_public_key(pem.encode() if isinstance(pem, str) else pem)
-    except ValueError as exc:
-        raise SigningKeyError(f"not a PEM public key: {exc}") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise SigningKeyError("the public key is not an Ed25519 key")
-    return key
-
-
-def verify_signature(public_key: Ed25519PublicKey, message: bytes, signature_hex: str) -> bool:
-    try:
-        public_key.verify(bytes.fromhex(signature_hex), message)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+        return parse_public_key(pem)
+    except KeyFormatError as exc:
+        raise SigningKeyError(str(exc)) from None
 
 
 @dataclass(frozen=True)
 class Signer:
-    """The checkpoint signing key and its identity."""
+    """The checkpoint signing key and its identity; `home` is the FLEXGATE_HOME it was loaded
+    from (where its checkpoints are anchored, `audit.anchor`), None for a key held only in
+    memory (then the process's FLEXGATE_HOME)."""
 
     private_key: Ed25519PrivateKey
     key_id: str
     public_key: Ed25519PublicKey
+    home: Path | None = None
 
     @classmethod
-    def from_private_key(cls, key: Ed25519PrivateKey) -> Signer:
+    def from_private_key(cls, key: Ed25519PrivateKey, home: Path | None = None) -> Signer:
         public = key.public_key()
-        return cls(key, key_id_of(public), public)
+        return cls(key, key_id_of(public), public, home)
 
     @classmethod
     def load_or_create(cls, home: Path | None = None) -> Signer:
-        """The key in `home` (default FLEXGATE_HOME), created there with mode 0600 if absent;
-        the public key file is (re)written beside it."""
-        home = home or settings.flexgate_home()
+        """The key in `home` (default FLEXGATE_HOME), created there with mode 0600 if absent
+        (with the anchor file's first line, a signed empty tree); the public key file is
+        (re)written beside it. FLEXGATE_HOME itself is made 0700."""
+        home = home or Settings.from_env().home
         path = home / PRIVATE_KEY_FILE
         try:
-            home.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if not path.exists():
-                _create_private_key(path)
-            signer = cls.from_private_key(_read_private_key(path))
+            ensure_private_dir(home)
+            created = not path.exists() and _create_private_key(path)
+            signer = cls.from_private_key(_read_private_key(path), home)
             _write_public_key(home / PUBLIC_KEY_FILE, signer.public_key)
+            if created:
+                from audit.anchor import Anchors
+
+                Anchors(home).write_genesis(signer)
         except OSError as exc:
             raise SigningKeyError(f"cannot use the signing key in {home}: {exc}") from exc
         return signer
@@ -103,7 +92,7 @@ def trusted_public_keys(
     """key_id -> key for the keys a verifier trusts: the public half of FLEXGATE_HOME's
     private key (or, on a machine without it, the published public key) and any given
     explicitly. Never creates a key."""
-    home = home or settings.flexgate_home()
+    home = home or Settings.from_env().home
     keys: dict[str, Ed25519PublicKey] = {}
     pub, priv = home / PUBLIC_KEY_FILE, home / PRIVATE_KEY_FILE
     if priv.exists():
@@ -117,7 +106,13 @@ def trusted_public_keys(
     return keys
 
 
-def _create_private_key(path: Path) -> None:
+def ensure_private_dir(path: Path) -> None:
+    """Create `path` (and parents) with mode 0700; an existing folder keeps its mode."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _create_private_key(path: Path) -> bool:
+    """Write a new key at `path`; False if another process made one first."""
     pem = Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -130,22 +125,25 @@ def _create_private_key(path: Path) -> None:
             fh.write(pem)
             fh.flush()
             os.fsync(fh.fileno())
-        with contextlib.suppress(FileExistsError):  # another process made one first: use it
+        try:
             os.link(tmp, path)
+        except FileExistsError:  # another process made one first: use it
+            return False
     finally:
         tmp.unlink(missing_ok=True)
+    return True
 
 
 def _read_private_key(path: Path) -> Ed25519PrivateKey:
     mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
+    if mode & 0o077:  # group or others may read (or write) it: whoever can, can forge
         raise SigningKeyError(
             f"{path} is readable by others (mode {mode:o}): run `chmod 600 {path}`"
         )
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except ValueError as exc:
-        raise SigningKeyError(f"{path} is not a PEM private key: {exc}") from exc
+        raise SigningKeyError(f"{path} is not a PEM private key: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise SigningKeyError(f"{path} is not an Ed25519 key")
     return key

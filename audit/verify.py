@@ -31,9 +31,12 @@ SQLite database, or fewer than two chunks of records, in this process alone. Mea
 give 2.3x (SQLite) and 1.8x (PostgreSQL) the records/s of one process; three or four, no more
 than two (bench/audit.py --verify-workers).
 
-What it cannot see, by construction: records appended after the latest checkpoint can be
-rewritten consistently by someone with write access to the database until the next checkpoint
-covers them; publish checkpoints (`GET /v1/audit/checkpoints/latest`, exports) to fix them.
+Checkpoints kept outside the database (the anchor file and directory witnesses,
+`audit.anchor`, and `--checkpoint FILE`) pin the tree: when the scan reaches the size of one,
+the root of the records so far must be its root and the next record its checkpoint record.
+What it cannot see, by construction: records appended after the latest anchored checkpoint
+can be rewritten consistently by someone with write access to the database until the next
+checkpoint covers them.
 """
 
 from __future__ import annotations
@@ -54,10 +57,13 @@ from sqlalchemy import URL, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit import merkle
-from audit.canonical import canonical_json, stored_record_hash
-from audit.checkpoints import Checkpoint, StoredTree
+from audit.anchor import AnchorError, Anchors
+from audit.canonical import RECORD_DOMAIN, canonical_json, stored_record_hash
+from audit.checkpoints import StoredTree
 from audit.db import db_errors
+from audit.derived import DerivedFinding, check_derived
 from audit.errors import AuditError, InvalidQuery
+from audit.format import Checkpoint
 from audit.ledger import CHECKPOINT, HEAD_ID
 from audit.models import (
     GENESIS_HASH,
@@ -66,7 +72,7 @@ from audit.models import (
     LedgerHead,
     LedgerRecord,
 )
-from audit.signing import trusted_public_keys
+from audit.signing import PRIVATE_KEY_FILE, trusted_public_keys
 from audit.verify_worker import Chunk, ChunkResult
 
 PAGE = 5000
@@ -100,6 +106,8 @@ class VerifyReport:
     # chunks checked by worker processes whose results were taken (not in as_dict: how the
     # work was done, not what was found)
     worker_chunks: int = 0
+    anchored_size: int | None = None  # the latest checkpoint anchored outside the database
+    derived: tuple[DerivedFinding, ...] = ()  # derived tables recomputed and compared
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -109,11 +117,13 @@ class VerifyReport:
             "reason": self.reason,
             "checkpoints": self.checkpoints,
             "head_seq": self.head_seq,
+            "anchored_size": self.anchored_size,
+            "derived": [{"table": f.table, "ok": f.ok, "detail": f.detail} for f in self.derived],
         }
 
 
 class _Tampered(Exception):
-    def __init__(self, seq: int, reason: str) -> None:
+    def __init__(self, seq: int | None, reason: str) -> None:
         super().__init__(reason)
         self.seq = seq
         self.reason = reason
@@ -128,6 +138,9 @@ async def verify(
     page_size: int = PAGE,
     workers: int | None = None,
     chunk: int = CHUNK,
+    anchors: Anchors | None = None,
+    checkpoints: Sequence[Checkpoint] = (),
+    derived: bool = True,
 ) -> VerifyReport:
     """Verify the ledger from `from_seq` (the records before it are trusted as stored).
 
@@ -136,10 +149,19 @@ async def verify(
     when there are at least two chunks; 1 checks everything in this process. Returns a
     report; raises only for bad arguments (InvalidQuery) or an unreachable database
     (DatabaseUnavailable when wrapped in `audit.db.translate_errors`, as the CLI does).
+
+    The records are also checked against every checkpoint anchored outside the database
+    (`anchors`, default FLEXGATE_HOME's anchor file and directory witnesses) and against
+    `checkpoints` an auditor kept: the database fails when it is behind one, forked from one
+    (its records hash to another root at that size) or lost its checkpoint record. A signing
+    key in FLEXGATE_HOME with no anchored checkpoint at all means the checkpoints were lost.
+    With `derived`, the tables derived from the records are recomputed and compared
+    (`audit.derived`); drift fails the report.
     """
     if from_seq < 1:
         raise InvalidQuery("from_seq must be >= 1")
     keys = dict(trusted_public_keys() if public_keys is None else public_keys)
+    anchors = anchors or Anchors.from_settings()
     head = (
         await session.execute(
             select(LedgerHead.seq, LedgerHead.hash, LedgerHead.frontier).where(
@@ -160,14 +182,38 @@ async def verify(
     conn = await session.connection()
     run.workers = min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS) if workers is None else workers
     run.chunk, run.target = chunk, _worker_target(conn.engine.url)
+    anchored_size = None
     try:
+        anchored_size = run.pin(anchors, checkpoints)
         await run.records()
         await run.finish(head_hash, head_frontier)
     except _Tampered as bad:
         return VerifyReport(
-            False, run.count, bad.seq, bad.reason, run.checked, upper, run.by_workers
+            False,
+            run.count,
+            bad.seq,
+            bad.reason,
+            run.checked,
+            upper,
+            run.by_workers,
+            anchored_size,
         )
-    return VerifyReport(True, run.count, None, None, run.checked, upper, run.by_workers)
+    findings = tuple(await check_derived(conn.engine)) if derived else ()
+    drift = [f for f in findings if not f.ok]
+    return VerifyReport(
+        not drift,
+        run.count,
+        None,
+        None
+        if not drift
+        else "derived state does not match the records: "
+        + "; ".join(f"{f.table}: {f.detail}" for f in drift),
+        run.checked,
+        upper,
+        run.by_workers,
+        anchored_size,
+        findings,
+    )
 
 
 def _worker_target(url: URL) -> tuple[str, str] | None:
@@ -187,6 +233,19 @@ def _worker_target(url: URL) -> tuple[str, str] | None:
     return None
 
 
+def worker_command() -> list[str]:
+    """How a verification worker is started: isolated (`-I`: no PYTHON* variables, no user
+    site, and neither the working directory nor the script's folder on sys.path), importing
+    `audit` from exactly where this process imported it. A folder named `audit` (or
+    `asyncpg`, `hashlib`, …) in the working directory can then never stand in for the
+    verifier's code."""
+    boot = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "from audit.verify_worker import _serve; _serve()"
+    )
+    return [sys.executable, "-I", "-c", boot, _ROOT]
+
+
 class _Workers:
     """`n` worker processes (`python -m audit.verify_worker`) checking `tasks`; `next()`
     gives the results in the tasks' order. Each worker takes the next task when it is done
@@ -204,17 +263,12 @@ class _Workers:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.results = [loop.create_future() for _ in self.tasks]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
         for _ in range(self.n):
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "audit.verify_worker",
+                    *worker_command(),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
-                    env=env,
                 )
             except OSError:  # no more processes: those started do the work
                 if not self.procs:
@@ -290,6 +344,41 @@ class _Run:
         self.prev_at = ""
         self.expected = from_seq
         self.good_size = 0  # size of the latest checkpoint found good
+        self.pins: dict[int, Checkpoint] = {}  # checkpoints kept outside the database
+
+    def pin(self, anchors: Anchors, auditor: Sequence[Checkpoint]) -> int | None:
+        """Take the checkpoints kept outside the database (anchored, and the auditor's):
+        each must be signed by a trusted key and, once the scan reaches its size, match the
+        records' root. Returns the latest anchored size."""
+        try:
+            anchored = anchors.checkpoints(self.keys)
+        except AnchorError as exc:
+            raise _Tampered(None, f"the anchor outside the database is corrupt: {exc}") from exc
+        if not anchored and (anchors.home / PRIVATE_KEY_FILE).exists():
+            raise _Tampered(
+                None,
+                f"no checkpoint is anchored in {anchors.path} although a signing key exists: "
+                "the checkpoints were lost (if this ledger predates anchoring, check it and run "
+                "`flexgate audit checkpoint --reanchor`)",
+            )
+        for cp in auditor:
+            reason = cp.check_signature(self.keys)
+            if reason is not None:
+                raise _Tampered(None, f"the checkpoint given to check against: {reason}")
+        for cp in (*anchored, *auditor):
+            if cp.size > 0 and cp.size >= self.from_seq - 1:
+                self.pins[cp.size] = cp
+        if self.pins:
+            top = max(self.pins)
+            if top + 1 > self.upper:
+                raise _Tampered(
+                    self.upper + 1,
+                    f"the database ends at record {self.upper} but the checkpoint of size "
+                    f"{top} kept outside it covers {top} records and its checkpoint record "
+                    f"{top + 1} (the database is behind it: restored from an older copy, or "
+                    "its tail was truncated)",
+                )
+        return anchored[-1].size if anchored else None
 
     # --- fetching ---
 
@@ -386,7 +475,15 @@ class _Run:
         chunk = self.chunk
         bounds = [start, *range((start // chunk + 1) * chunk, self.upper, chunk), self.upper]
         tasks = [
-            Chunk(backend, target, lo, hi, self.page, tuple(self.frontier.nodes) if i == 0 else ())
+            Chunk(
+                backend,
+                target,
+                lo,
+                hi,
+                self.page,
+                tuple(self.frontier.nodes) if i == 0 else (),
+                tuple(s for s in self.pins if lo <= s < hi),
+            )
             for i, (lo, hi) in enumerate(itertools.pairwise(bounds))
         ]
         workers = _Workers(self.workers, tasks)
@@ -463,10 +560,12 @@ class _Run:
         """Check one page; the hot loop (see the module docstring)."""
         sha = hashlib.sha256
         unhex = bytes.fromhex
+        domain = RECORD_DOMAIN
         nodes = self.frontier.nodes
         size = self.frontier.size
         prev, prev_at, expected = self.prev, self.prev_at, self.expected
         before = self.before  # prev_hash of the previous record
+        pins = self.pins
         try:
             for seq, rid, kind, at, principal, payload, prev_hash, digest in rows:
                 if seq != expected:
@@ -489,14 +588,14 @@ class _Run:
                 else:
                     p = "null" if principal is None else f'"{principal}"'
                     computed = sha(
-                        f'{prev}{{"at":"{at}","id":"{rid}","kind":"{kind}",'
+                        f'{domain}{prev}{{"at":"{at}","id":"{rid}","kind":"{kind}",'
                         f'"payload":{payload},"principal":{p},"seq":{seq}}}'.encode()
                     ).hexdigest()
                 if computed != digest:
                     raise _Tampered(seq, f"record {seq} does not match its hash (modified)")
                 if at < prev_at:
                     raise _Tampered(seq, f"record {seq} is dated before record {seq - 1}")
-                if kind == CHECKPOINT or seq - 1 in cps:
+                if kind == CHECKPOINT or seq - 1 in cps or seq - 1 in pins:
                     self.frontier.size = size
                     self._checkpoint_record(seq, kind, payload, cps.get(seq - 1), self.frontier)
                 h = sha(b"\x00" + unhex(digest)).digest()
@@ -516,8 +615,25 @@ class _Run:
     def _checkpoint_record(
         self, seq: int, kind: str, payload: str, row: Checkpoint | None, tree: merkle.Frontier
     ) -> None:
-        """Record `seq` is a checkpoint record, or a stored checkpoint says it should be one;
-        `tree` is the Merkle frontier of the records before it."""
+        """Record `seq` is a checkpoint record, or a checkpoint (stored, anchored or the
+        auditor's) says it should be one; `tree` is the Merkle frontier of the records before
+        it."""
+        pin = self.pins.get(seq - 1)
+        if pin is not None:
+            if tree.root().hex() != pin.root:
+                raise _Tampered(
+                    self.good_size + 1,
+                    f"records {self.good_size + 1}..{pin.size} differ from those of the "
+                    f"checkpoint of size {pin.size} kept outside the database (the database "
+                    "forked from it: records rewritten and rechained)",
+                )
+            if kind != CHECKPOINT:
+                raise _Tampered(
+                    seq,
+                    f"record {seq} should be the checkpoint record of the checkpoint of size "
+                    f"{pin.size} kept outside the database, but is a {kind!r} record "
+                    "(checkpoint deleted)",
+                )
         if kind != CHECKPOINT:
             assert row is not None
             self._signature(row)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from audit.canonical import stored_record_hash
+from audit.canonical import RECORD_DOMAIN, stored_record_hash
 
 CHECKPOINT = "checkpoint"  # audit.ledger.CHECKPOINT (not imported: it pulls in SQLAlchemy)
 
@@ -49,6 +49,7 @@ class Chunk:
     hi: int
     page: int
     nodes: tuple[bytes, ...] = ()
+    pins: tuple[int, ...] = ()  # sizes of checkpoints kept outside the database, in the chunk
 
 
 @dataclass(slots=True)
@@ -82,6 +83,7 @@ def _check_sqlite(chunk: Chunk) -> ChunkResult:
     db = sqlite3.connect(f"{Path(chunk.target).resolve().as_uri()}?mode=ro", uri=True)
     try:
         sizes = {r[0] for r in db.execute(_SQLITE_SIZES_SQL, (chunk.lo, chunk.hi))}
+        sizes.update(chunk.pins)
         scan = _Scan(chunk, sizes)
         for after in range(chunk.lo, chunk.hi, chunk.page):
             until = min(after + chunk.page, chunk.hi)
@@ -97,6 +99,7 @@ async def _check_pg(chunk: Chunk) -> ChunkResult:
     conn = await asyncpg.connect(chunk.target)
     try:
         sizes = {r[0] for r in await conn.fetch(_PG_SIZES_SQL, chunk.lo, chunk.hi)}
+        sizes.update(chunk.pins)
         scan = _Scan(chunk, sizes)
         after = chunk.lo
         pending = asyncio.ensure_future(
@@ -140,6 +143,7 @@ class _Scan:
     def page(self, rows: Any, until: int) -> None:
         sha = hashlib.sha256
         unhex = bytes.fromhex
+        domain = RECORD_DOMAIN
         nodes, size, sizes, events = self.nodes, self.size, self.sizes, self.out.events
         prev, prev_at, expected, before = self.prev, self.prev_at, self.expected, self.before
         if prev is None and rows:
@@ -154,7 +158,7 @@ class _Scan:
             else:
                 p = "null" if principal is None else f'"{principal}"'
                 computed = sha(
-                    f'{prev}{{"at":"{at}","id":"{rid}","kind":"{kind}",'
+                    f'{domain}{prev}{{"at":"{at}","id":"{rid}","kind":"{kind}",'
                     f'"payload":{payload},"principal":{p},"seq":{seq}}}'.encode()
                 ).hexdigest()
             if computed != digest or at < prev_at:
@@ -193,7 +197,7 @@ class _Scan:
         return out
 
 
-# --- the worker process: `python -m audit.verify_worker` ---
+# --- the worker process (`audit.verify.worker_command`: `python -I -c …`) ---
 #
 # Chunks arrive on stdin and results leave on stdout, each as a 4-byte big-endian length and a
 # pickle (between processes of this same code only). A plain interpreter running this module

@@ -47,10 +47,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from audit import settings
-from audit.checkpoints import Checkpoint, create_checkpoint, latest_checkpoint, maybe_checkpoint
+from audit.checkpoints import create_checkpoint, latest_checkpoint, maybe_checkpoint
 from audit.db import SQLITE_PRAGMAS, make_sessionmaker, translate_errors
 from audit.errors import AuditError, DatabaseUnavailable
+from audit.format import Checkpoint
 from audit.ledger import (
     PG_APPEND_SQL,
     PG_LOCK_SQL,
@@ -68,6 +68,7 @@ from audit.ledger import (
 )
 from audit.signing import Signer
 from audit.summary import fold_due, fold_usage
+from contracts.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,13 @@ class LedgerWriter:
         self._max_batch = max_batch
         self._signer = signer
         auto = signer is not None
-        self._every = (checkpoint_every or settings.checkpoint_every()) if auto else None
+        self._every = (
+            (checkpoint_every or Settings.from_env().audit_checkpoint_every) if auto else None
+        )
         self._interval = (
-            (checkpoint_interval_s or settings.checkpoint_interval_s()) if auto else None
+            (checkpoint_interval_s or Settings.from_env().audit_checkpoint_seconds)
+            if auto
+            else None
         )
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None

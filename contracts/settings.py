@@ -61,6 +61,25 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
 
+WITNESS_SCHEMES = ("dir:", "cmd:", "http://", "https://")
+
+
+def _witnesses(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated witness locations, each `dir:PATH`, `cmd:PROGRAM [ARGS]` or a URL."""
+    items = _list(env, name)
+    for item in items:
+        if not item.startswith(WITNESS_SCHEMES) or item.rstrip(":/") in (
+            "dir",
+            "cmd",
+            "http:",
+            "https:",
+        ):
+            raise SettingsError(
+                f"{name}: {item!r} is not dir:PATH, cmd:PROGRAM [ARGS], http://… or https://…"
+            )
+    return items
+
+
 @dataclass(frozen=True)
 class Settings:
     """Process-wide configuration; see `from_env` for the variable of each field."""
@@ -71,6 +90,11 @@ class Settings:
     audit_store_text: bool = False
     audit_checkpoint_every: int = 1000
     audit_checkpoint_seconds: float = 60.0
+    audit_witnesses: tuple[str, ...] = ()
+    """Where each signed checkpoint is also sent (docs/audit.md, "Anchors and witnesses"):
+    `dir:PATH` (appended to PATH/flexgate-anchor.jsonl), `cmd:PROGRAM [ARGS]` (run with the
+    checkpoint on stdin; exit 0 accepts it), or an `http://` / `https://` URL (POSTed)."""
+    audit_witness_timeout_s: float = 10.0
     otel_endpoint: str | None = None
     model_name: str | None = None
     """The served model's id in the OpenAI API (FLEXGATE_MODEL_NAME); None: the folder name."""
@@ -114,6 +138,8 @@ class Settings:
             audit_store_text=_bool(env, "FLEXGATE_AUDIT_STORE_TEXT"),
             audit_checkpoint_every=_int(env, "FLEXGATE_AUDIT_CHECKPOINT_EVERY", 1000, minimum=1),
             audit_checkpoint_seconds=_float(env, "FLEXGATE_AUDIT_CHECKPOINT_SECONDS", 60.0),
+            audit_witnesses=_witnesses(env, "FLEXGATE_AUDIT_WITNESSES"),
+            audit_witness_timeout_s=_float(env, "FLEXGATE_AUDIT_WITNESS_TIMEOUT_S", 10.0),
             otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
             model_name=(env.get("FLEXGATE_MODEL_NAME") or "").strip() or None,
             device=(env.get("FLEXGATE_DEVICE") or "").strip() or "cpu",

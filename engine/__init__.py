@@ -17,6 +17,7 @@ __all__ = [
     "GenerationStream",
     "SamplingParams",
     "TextDelta",
+    "TokenLogprob",
     "load_engine",
 ]
 
@@ -31,12 +32,13 @@ _EXPORTS = {
     "GenerationStream": "engine.scheduler",
     "TextDelta": "engine.generation",
     "Finished": "engine.generation",
+    "TokenLogprob": "engine.generation",
 }
 
 if TYPE_CHECKING:
     from engine.api import Engine, ForwardResult, load_engine
     from engine.errors import ExpertSetError
-    from engine.generation import Finished, GenerationResult, TextDelta
+    from engine.generation import Finished, GenerationResult, TextDelta, TokenLogprob
     from engine.sampling import SamplingParams
     from engine.scheduler import GenerationStream
 

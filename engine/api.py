@@ -246,6 +246,8 @@ class Engine:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         request_id: str | None = None,
     ) -> GenerationResult:
         """Generate a completion of ``prompt`` (text, or token ids) with the experts in
@@ -255,16 +257,30 @@ class Engine:
         Sampling comes either as ``params`` (a :class:`SamplingParams`) or as keywords with
         the same names and defaults: ``max_tokens`` 16, ``temperature`` 1.0 (0 is greedy),
         ``top_p`` 1.0, ``top_k`` 0 (off), ``seed`` None, ``stop`` () (one string or several,
-        cut from the text), ``ignore_eos`` False. Generation ends at ``max_tokens``, the
-        context window, the end-of-sequence token or a stop string. The result carries the
-        text, the token ids, the finish reason, prompt and completion token counts and
-        per-expert usage over the prompt and the generated tokens (see engine.generation).
+        cut from the text), ``ignore_eos`` False, ``logprobs`` / ``prompt_logprobs`` None
+        (0..20: log-probabilities of the generated / prompt tokens with that many
+        alternatives; ``max_tokens=0`` with ``prompt_logprobs`` scores the prompt only).
+        Generation ends at ``max_tokens``, the context window, the end-of-sequence token or a
+        stop string. The result carries the text, the token ids, the finish reason, prompt and
+        completion token counts, per-expert usage over the prompt and the generated tokens
+        (see engine.generation) and the log-probabilities asked for.
 
         Raises (before any compute): ``PromptError`` (empty, outside the vocabulary, no room in
         the window), ``ExpertSetError`` (empty set, unknown or unloaded expert), ``ValueError``
         (sampling parameters). ``GenerationError`` if the model fails.
         """
-        sampling = _sampling(params, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+        sampling = _sampling(
+            params,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            ignore_eos,
+            logprobs,
+            prompt_logprobs,
+        )
         return self.scheduler.generate(prompt, sampling, allowed=allowed, request_id=request_id)
 
     def stream(
@@ -280,6 +296,8 @@ class Engine:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         request_id: str | None = None,
     ) -> GenerationStream:
         """As :meth:`generate`, streaming: call it on the event loop that iterates the result,
@@ -288,7 +306,18 @@ class Engine:
         allowed set from the next decoding step; ``aclose()`` or cancelling the consuming task
         cancels the request and frees its slot. Errors as :meth:`generate`, raised here.
         """
-        sampling = _sampling(params, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+        sampling = _sampling(
+            params,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            ignore_eos,
+            logprobs,
+            prompt_logprobs,
+        )
         return self.scheduler.stream(prompt, sampling, allowed=allowed, request_id=request_id)
 
     def close(self) -> None:
@@ -353,6 +382,8 @@ def _sampling(
     seed: int | None,
     stop: str | Sequence[str] | None,
     ignore_eos: bool | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None,
 ) -> SamplingParams:
     """``params``, or a SamplingParams from the keywords given (not both)."""
     keywords = {
@@ -363,6 +394,8 @@ def _sampling(
         "seed": seed,
         "stop": stop,
         "ignore_eos": ignore_eos,
+        "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
     }
     given = sorted(k for k, v in keywords.items() if v is not None)
     if params is not None:
@@ -378,6 +411,8 @@ def _sampling(
         seed=seed,
         stop=d.stop if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
         ignore_eos=d.ignore_eos if ignore_eos is None else ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 

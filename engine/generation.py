@@ -14,7 +14,9 @@ the model processed for the request: all ``prompt_tokens`` prompt positions, and
 token that was fed back to produce the next one, i.e. ``completion_tokens - 1`` positions (the
 last generated token is never fed back; each generated token is produced by exactly one
 processed position). Without narrowing, the tokens of all experts sum to
-``(prompt_tokens + completion_tokens - 1) * num_layers * min(top_k, |allowed|)``. Experts that
+``(prompt_tokens + max(completion_tokens - 1, 0)) * num_layers * min(top_k, |allowed|)`` (a
+request with ``max_tokens == 0`` only scores its prompt). Log-probabilities
+(:mod:`engine.logprobs`) are read from the same logits and change no usage. Experts that
 were never allowed report ``(0, 0.0)``; an expert narrowed away mid-run keeps what it was used
 for before the narrowing and gains nothing after it.
 """
@@ -29,6 +31,7 @@ import torch
 
 from engine.errors import EngineError
 from engine.kvcache import SlotKVCache
+from engine.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from engine.routing import RoutingControl
 from engine.sampling import SamplingParams, make_generator, select_tokens
 
@@ -43,6 +46,7 @@ __all__ = [
     "StreamEvent",
     "TextAssembler",
     "TextDelta",
+    "TokenLogprob",
 ]
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -81,6 +85,11 @@ class GenerationResult:
     narrowed: tuple[str, ...] = ()
     stop_string: str | None = None
     """The stop string that ended generation, if one did."""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """One per generated token (parallel to ``token_ids``); None when not asked."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """One per prompt token, the first None (nothing predicts it); None when not asked, or
+    when the request ended (cancelled) before its prompt was run."""
 
 
 @dataclass(frozen=True)
@@ -89,10 +98,14 @@ class TextDelta:
 
     ``token_ids`` are the tokens generated since the previous event (text may lag behind
     tokens: a multi-byte character split over tokens, or a possible beginning of a stop string,
-    is held back until it is complete)."""
+    is held back until it is complete); the ``token_ids`` of a request's deltas concatenate to
+    its ``token_ids`` (the last delta may have empty text: an end-of-sequence token, or the
+    tokens that completed a stop string). ``logprobs`` is parallel to ``token_ids`` when the
+    request asked for them, else empty."""
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,9 +147,14 @@ class GenerationRequest:
 
 
 def tokenize_prompt(
-    backend: GenerationBackend, prompt: str | Sequence[int], tokenizer: Any = None
+    backend: GenerationBackend,
+    prompt: str | Sequence[int],
+    tokenizer: Any = None,
+    *,
+    room: int = 1,
 ) -> tuple[int, ...]:
-    """The prompt's token ids, checked against the vocabulary and the context window.
+    """The prompt's token ids, checked against the vocabulary and the context window, which
+    must hold ``room`` more tokens (0 for a request that only scores its prompt).
     A text prompt is encoded with ``tokenizer`` (default: the backend's)."""
     config = backend.model.config
     if isinstance(prompt, str):
@@ -155,7 +173,11 @@ def tokenize_prompt(
     if not ids:
         raise PromptError("the prompt is empty (no tokens)")
     window = context_window(backend)
-    if len(ids) >= window:
+    if len(ids) + room > window:
+        if room == 0:
+            raise PromptError(
+                f"the prompt has {len(ids)} tokens; the context window holds {window}"
+            )
         raise PromptError(
             f"the prompt has {len(ids)} tokens; the context window holds {window}, "
             "which leaves no room for a completion"
@@ -304,6 +326,10 @@ class RunningSequence:
     usage_weight: torch.Tensor | None = None
     pending_ids: list[int] = field(default_factory=list)
     """Tokens generated since the last text event."""
+    logprobs: list[TokenLogprob] | None = None
+    """Per generated token, when the request asked for them."""
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     finish_reason: FinishReason | None = None
 
     @property
@@ -322,10 +348,16 @@ class RunningSequence:
             self.usage_tokens += tokens
             self.usage_weight += weight
 
-    def accept(self, token: int) -> None:
-        """Record a sampled token; sets ``finish_reason`` when generation must end."""
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Record a sampled token (with its log-probability when the request asked for it);
+        sets ``finish_reason`` when generation must end."""
         self.generated.append(token)
         self.pending_ids.append(token)
+        if logprob is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.append(logprob)
+            self.pending_logprobs.append(logprob)
         params = self.request.params
         if token in self.eos_ids and not params.ignore_eos:
             self.finish_reason = "stop"
@@ -349,14 +381,16 @@ class RunningSequence:
             self.control.cancel()
 
     def _emit_text(self, text: str) -> None:
-        self.deliver(TextDelta(text, tuple(self.pending_ids)))
+        self.deliver(TextDelta(text, tuple(self.pending_ids), tuple(self.pending_logprobs)))
         self.pending_ids = []
+        if self.pending_logprobs:
+            self.pending_logprobs = []
 
     def finish(self, reason: FinishReason, expert_ids: Sequence[str], track_usage: bool) -> None:
         """Flush the text and send the final event."""
         self.finish_reason = reason
         tail = self.assembler.finish()
-        if tail:
+        if tail or self.pending_ids:
             self._emit_text(tail)
         usage: dict[str, tuple[int, float]] | None = None
         if track_usage:
@@ -378,6 +412,8 @@ class RunningSequence:
             allowed=allowed,
             narrowed=narrowed,
             stop_string=self.assembler.stop_string,
+            logprobs=None if self.request.params.logprobs is None else tuple(self.logprobs or ()),
+            prompt_logprobs=self.prompt_logprobs,
         )
         self.deliver(Finished(result))
 
@@ -497,11 +533,15 @@ class DecodeBatch:
     def prefill(self, seqs: Sequence[RunningSequence]) -> None:
         """Run the prompts of ``seqs`` (all of one length), sample each one's first token and
         splice the KV of those not yet finished into the batch (the others have
-        ``finish_reason`` set and are not in :attr:`rows`)."""
+        ``finish_reason`` set and are not in :attr:`rows`). Rows that asked for prompt
+        log-probabilities get them (the LM head then runs over every prompt position of the
+        group, which is why :func:`iter_groups` keeps such rows apart); rows with
+        ``max_tokens == 0`` only score their prompt and finish with ``length``."""
         length = seqs[0].prompt_len
         if any(s.prompt_len != length for s in seqs):
             raise ValueError("prefill takes prompts of one length")
         n = len(seqs)
+        scoring = any(s.request.params.prompt_logprobs is not None for s in seqs)
         masks = [self._expert_mask_row(s.allowed) for s in seqs]
         ctl = self._routing(masks)
         cache = SlotKVCache(self.num_layers, rows=n, cols=length)
@@ -515,20 +555,30 @@ class DecodeBatch:
             past_key_values=cache,
             use_cache=True,
             routing=ctl,
-            logits_to_keep=1,
+            logits_to_keep=0 if scoring else 1,
         )
         cache.advance(length)
         logits = out.logits[:, -1, :]
-        tokens = select_tokens(
-            logits, [s.request.params for s in seqs], [s.generator for s in seqs]
-        )
+        if scoring:
+            for i, s in enumerate(seqs):
+                count = s.request.params.prompt_logprobs
+                if count is not None:
+                    s.prompt_logprobs = tuple(
+                        prompt_logprobs(out.logits[i], s.request.prompt_ids, count)
+                    )
         if self.track_usage:
             used, weight = ctl.tokens.cpu(), ctl.weight.cpu()
             for i, s in enumerate(seqs):
                 s.add_usage(used[i], weight[i])
-        for seq, token in zip(seqs, tokens, strict=True):
+        generating = [i for i, s in enumerate(seqs) if s.request.params.max_tokens > 0]
+        for seq in seqs:
             seq.length = length
-            seq.accept(token)
+            if seq.request.params.max_tokens == 0:
+                seq.finish_reason = "length"
+        if len(generating) == n:
+            self._sample(logits, seqs)
+        elif generating:
+            self._sample(logits[generating], [seqs[i] for i in generating])
         joining = [(i, s) for i, s in enumerate(seqs) if s.finish_reason is None]
         if not joining:
             return
@@ -567,13 +617,29 @@ class DecodeBatch:
         self.cache.advance(1)
         for s in self.rows:
             s.length += 1
+        self._sample(logits, self.rows)
+
+    def _sample(self, logits: torch.Tensor, rows: Sequence[RunningSequence]) -> None:
+        """Choose the next token of every row (``logits`` ``[len(rows), vocab]``), with its
+        log-probability for the rows that asked (and only for them)."""
         tokens = select_tokens(
-            logits,
-            [s.request.params for s in self.rows],
-            [s.generator for s in self.rows],
+            logits, [s.request.params for s in rows], [s.generator for s in rows]
         )
-        for seq, token in zip(self.rows, tokens, strict=True):
-            seq.accept(token)
+        asking = [i for i, s in enumerate(rows) if s.request.params.logprobs is not None]
+        if not asking:
+            for seq, token in zip(rows, tokens, strict=True):
+                seq.accept(token)
+            return
+        if len(asking) < len(rows):
+            logits = logits.index_select(0, torch.tensor(asking, device=logits.device))
+        scored = token_logprobs(
+            logits,
+            [tokens[i] for i in asking],
+            [int(rows[i].request.params.logprobs or 0) for i in asking],
+        )
+        by_row = dict(zip(asking, scored, strict=True))
+        for i, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
+            seq.accept(token, by_row.get(i))
 
     def decode_logits(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
@@ -641,10 +707,12 @@ def _plain_governed_forward(model: Any) -> bool:
 
 
 def iter_groups(seqs: Iterable[RunningSequence]) -> list[list[RunningSequence]]:
-    """Group sequences by prompt length (each group is prefilled in one forward pass)."""
-    groups: dict[int, list[RunningSequence]] = {}
+    """Group sequences by prompt length (each group is prefilled in one forward pass), those
+    that ask for prompt log-probabilities apart (only they pay for the full LM head)."""
+    groups: dict[tuple[int, bool], list[RunningSequence]] = {}
     for s in seqs:
-        groups.setdefault(s.prompt_len, []).append(s)
+        key = (s.prompt_len, s.request.params.prompt_logprobs is not None)
+        groups.setdefault(key, []).append(s)
     return list(groups.values())
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.logprobs import MAX_LOGPROBS
+
 __all__ = ["MAX_STOP_STRINGS", "SamplingParams", "make_generator", "select_tokens"]
 
 MAX_STOP_STRINGS = 16
@@ -30,8 +32,10 @@ class SamplingParams:
     """How one request chooses its tokens and when it stops.
 
     Attributes:
-        max_tokens: most tokens to generate (>= 1). Generation also stops at the model's
-            context window (``config.max_position_embeddings``) with finish reason ``length``.
+        max_tokens: most tokens to generate (>= 1; 0 only with ``prompt_logprobs``: score the
+            prompt, generate nothing, finish reason ``length``). Generation also stops at the
+            model's context window (``config.max_position_embeddings``) with finish reason
+            ``length``.
         temperature: 0 for greedy decoding, else the softmax temperature (> 0).
         top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability
             reaches ``top_p``; in (0, 1], 1 disables it.
@@ -41,6 +45,9 @@ class SamplingParams:
         stop: strings that end generation; the returned text stops before the first of them
             and never contains it.
         ignore_eos: keep generating past the end-of-sequence token (benchmarks).
+        logprobs: None for no log-probabilities; ``0..MAX_LOGPROBS``: every generated token's
+            log-probability and that many most likely alternatives (see engine.logprobs).
+        prompt_logprobs: the same for every prompt token (the first has none); None for none.
     """
 
     max_tokens: int = 16
@@ -50,14 +57,29 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # a lone string is one stop string, not its characters
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(
+                    f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}"
+                )
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
+            raise ValueError(
+                f"max_tokens must be an integer >= 1 (0 with prompt_logprobs), "
+                f"got {self.max_tokens!r}"
+            )
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError(
+                "max_tokens must be >= 1 (0, scoring the prompt only, needs prompt_logprobs)"
+            )
         if not _is_real(self.temperature) or not (
             math.isfinite(self.temperature) and self.temperature >= 0
         ):

@@ -304,7 +304,9 @@ class Scheduler:
         Raises ``PromptError``, ``ExpertSetError`` (both ``ValueError``) before any compute.
         """
         with self._encoder_lock:
-            prompt_ids = tokenize_prompt(self.backend, prompt, self._encoder)
+            prompt_ids = tokenize_prompt(
+                self.backend, prompt, self._encoder, room=min(params.max_tokens, 1)
+            )
         if allowed is not None and isinstance(allowed, str):
             raise TypeError("allowed must be a collection of expert ids, not a single string")
         mask = self.backend.mask_for(None if allowed is None else list(allowed), 1)

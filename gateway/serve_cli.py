@@ -8,7 +8,14 @@ other's changes through the database alone.
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
+
 import click
+
+
+def _exit_0(_signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 @click.command()
@@ -34,6 +41,11 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     from contracts.settings import settings
 
     settings()  # a bad variable fails here, before any worker starts
+    # SIGTERM: uvicorn stops accepting, lets running requests finish (up to the graceful
+    # timeout), runs the lifespan's shutdown (records appended, ledger drained) and then
+    # re-raises the signal into the handler that was there before it; this one makes that
+    # an orderly exit 0 instead of death by signal.
+    signal.signal(signal.SIGTERM, _exit_0)
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,

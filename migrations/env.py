@@ -9,8 +9,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 import audit.models  # noqa: F401  (registers the ledger tables on Base.metadata)
-from audit import settings
 from audit.db import Base, make_engine
+from contracts.settings import Settings
 
 try:  # governance tables live in the same history once that package exists
     import governance.models  # noqa: F401
@@ -24,7 +24,7 @@ target_metadata = Base.metadata
 
 def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
-    return url or settings.database_url()
+    return url or Settings.from_env().database_url
 
 
 def _run(connection: Connection) -> None:

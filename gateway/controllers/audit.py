@@ -20,12 +20,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from audit import checkpoints as cps
 from audit.errors import InvalidQuery
 from audit.export import export_lines
+from audit.format import Checkpoint
 from audit.query import QUERY_PARAMS, RecordQuery, get_record, query_records, usage
 from audit.signing import public_key_pem, trusted_public_keys
 from audit.verify import verify
 from contracts.settings import Settings
 from gateway.schemas.audit import (
     CheckpointOut,
+    DerivedOut,
     LatestCheckpointOut,
     ProofOut,
     RecordOut,
@@ -66,7 +68,7 @@ def record_out(entry: Any) -> RecordOut:
     return RecordOut(**entry.as_dict())
 
 
-def checkpoint_out(cp: cps.Checkpoint) -> CheckpointOut:
+def checkpoint_out(cp: Checkpoint) -> CheckpointOut:
     return CheckpointOut(**cp.as_dict())
 
 
@@ -135,7 +137,9 @@ class AuditController(Controller):
     @get("/verify", summary="Verify the whole chain and every checkpoint")
     async def verify_chain(self, db_session: AsyncSession, settings: Settings) -> VerifyOut:
         report = await verify(db_session, public_keys=trusted_public_keys(settings.home))
-        return VerifyOut(**report.as_dict())
+        body = report.as_dict()
+        body["derived"] = [DerivedOut(**d) for d in body.get("derived", [])]
+        return VerifyOut(**body)
 
     @get("/usage", summary="Expert usage by expert, principal or day")
     async def usage(

@@ -12,6 +12,7 @@ from gateway.schemas.health import Health, Readiness
 
 class HealthController(Controller):
     tags = ["health"]  # noqa: RUF012 (Litestar declares it a list)
+    security = [{}]  # noqa: RUF012 (no credential needed; OpenAPI's "anonymous")
 
     @get("/healthz", summary="The process is alive")
     async def healthz(self) -> Health:

@@ -3,11 +3,13 @@ gateway.inference)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
-from litestar.datastructures import State
+from litestar.datastructures import ResponseHeader, State
 from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 
 from gateway.inference.handlers import serve, strict_body
 from gateway.inference.params import chat_plan, completion_plan
@@ -23,6 +25,37 @@ from gateway.schemas.openai import (
 )
 from governance.identity import Identity
 from governance.store import PolicySnapshot
+
+
+@dataclass
+class StreamingOperation(Operation):
+    """The 200 of an inference route is JSON, or Server-Sent Events with `stream: true`."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse) and ok.content is not None:
+            ok.content["text/event-stream"] = OpenAPIMediaType(
+                schema=Schema(
+                    type=OpenAPIType.STRING,
+                    description="`data: <chunk JSON>` events, the last `data: [DONE]`",
+                )
+            )
+
+
+AUDIT_HEADERS = [
+    ResponseHeader(
+        name="X-FlexGate-Audit-Seq",
+        documentation_only=True,
+        value="42",
+        description="seq of the request's ledger record (plain responses)",
+    ),
+    ResponseHeader(
+        name="X-FlexGate-Audit-Started-Seq",
+        documentation_only=True,
+        value="42",
+        description="seq of the stream's inference.started record (streams)",
+    ),
+]
 
 
 def _errors(*codes: int) -> dict[int, ResponseSpec]:
@@ -58,6 +91,8 @@ class OpenAIController(Controller):
         "/v1/completions",
         status_code=200,
         responses=INFERENCE_ERRORS,
+        operation_class=StreamingOperation,
+        response_headers=AUDIT_HEADERS,
         summary="OpenAI Completions (stream: Server-Sent Events)",
     )
     async def completions(
@@ -74,6 +109,8 @@ class OpenAIController(Controller):
         "/v1/chat/completions",
         status_code=200,
         responses=INFERENCE_ERRORS,
+        operation_class=StreamingOperation,
+        response_headers=AUDIT_HEADERS,
         summary="OpenAI Chat Completions (stream: Server-Sent Events)",
     )
     async def chat_completions(

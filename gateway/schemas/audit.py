@@ -48,6 +48,12 @@ class LatestCheckpointOut(msgspec.Struct, kw_only=True):
     """PEM of the Ed25519 key that signed it (null if this server does not hold it)."""
 
 
+class DerivedOut(msgspec.Struct, kw_only=True):
+    table: str
+    ok: bool
+    detail: str | None = None
+
+
 class VerifyOut(msgspec.Struct, kw_only=True):
     ok: bool
     records: int
@@ -55,6 +61,10 @@ class VerifyOut(msgspec.Struct, kw_only=True):
     reason: str | None
     checkpoints: int
     head_seq: int
+    anchored_size: int | None = None
+    """The latest checkpoint anchored outside the database, when one is."""
+    derived: list[DerivedOut] = []
+    """Derived tables recomputed from the records and compared."""
 
 
 class UsageRowOut(msgspec.Struct, kw_only=True):

@@ -150,6 +150,15 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # The records are the evidence: dropping them needs the operator's explicit consent
+    # (`flexgate db downgrade … --i-understand-this-destroys-the-ledger`, audit.db.downgrade).
+    if not op.get_context().config.attributes.get("flexgate_destroy_ledger"):
+        count = op.get_bind().execute(sa.text("SELECT count(*) FROM ledger_records")).scalar()
+        if count:
+            raise RuntimeError(
+                f"refusing to drop the audit ledger and its {count} records: "
+                "`flexgate db downgrade` needs --i-understand-this-destroys-the-ledger"
+            )
     if op.get_bind().dialect.name == "postgresql":
         for table in APPEND_ONLY:
             op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")

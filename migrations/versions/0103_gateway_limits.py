@@ -6,7 +6,7 @@
 - `rate_leases`: one row per running request of a limited key, with its process and expiry.
 
 Revision ID: 0103_gateway_limits
-Revises: 0101_ledger_pipeline (to become the audit helper's 0102 once it lands)
+Revises: 0102
 Create Date: 2026-12-01
 """
 
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0103_gateway_limits"
-down_revision: str | None = "0101_ledger_pipeline"
+down_revision: str | None = "0102"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -13,9 +13,10 @@ from audit_helpers import fill, record
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from audit.canonical import canonical_json
 from audit.checkpoints import create_checkpoint
 from audit.errors import InvalidQuery
-from audit.export import export_lines, verify_export
+from audit.export import NothingToExport, export_lines, verify_export
 from audit.ledger import append_many
 from audit.models import LedgerRecord
 from audit.signing import Signer
@@ -79,10 +80,64 @@ async def test_time_slice_verifies_against_the_checkpoint(
     assert report.records == 240 - 90
 
 
-async def test_empty_range_is_an_empty_file(ledger: AsyncEngine, signer: Signer, sm: Any) -> None:
+async def test_empty_range_is_refused(ledger: AsyncEngine, signer: Signer, sm: Any) -> None:
+    """An empty file is never a valid export: an empty range is refused, and an empty or
+    blank file does not verify."""
     for fmt in ("jsonl", "csv"):
-        assert await _export(sm, signer, fmt=fmt, since="2999-01-01") == []
-    assert verify_export([], public_keys=_keys(signer)).ok
+        with pytest.raises(NothingToExport):
+            await _export(sm, signer, fmt=fmt, since="2999-01-01")
+    for lines in ([], ["\n", "  \n"]):
+        report = verify_export(lines, public_keys=_keys(signer))
+        assert not report.ok and "empty" in (report.reason or "")
+
+
+async def test_extra_missing_and_duplicate_members_are_refused(
+    ledger: AsyncEngine, signer: Signer, sm: Any
+) -> None:
+    lines = await _export(sm, signer)
+    assert verify_export(lines, public_keys=_keys(signer)).ok
+    extra = _edit(lines, 5, lambda r: r.update(note="x"))
+    missing = _edit(lines, 5, lambda r: r.pop("id"))
+    header_extra = _edit(lines, 0, lambda h: h["flexgate_export"].update(trusted=True))
+    trailer_extra = _edit(lines, len(lines) - 1, lambda t: t["flexgate_export_end"].update(more=1))
+    dup = [*lines[:5], lines[5].replace('{"seq":', '{"seq":5,"seq":', 1), *lines[6:]]
+    for bad, seq, words in (
+        (extra, 5, "unexpected note"),
+        (missing, 5, "missing id"),
+        (header_extra, None, "unexpected trusted"),
+        (trailer_extra, None, "unexpected more"),
+        (dup, None, "given twice"),
+    ):
+        report = verify_export(bad, public_keys=_keys(signer))
+        assert (report.ok, report.first_bad_seq) == (False, seq), report
+        assert words in (report.reason or ""), report
+    assert "no trusted public key" in (verify_export(lines, public_keys={}).reason or "")
+
+
+async def test_merkle_mismatch_names_the_first_bad_seq(
+    ledger: AsyncEngine, signer: Signer, sm: Any
+) -> None:
+    """Record 150 rewritten and the chain after it recomputed inside the file: only the
+    Merkle root can tell, and the first seq after the last matching checkpoint is named."""
+    from audit.canonical import stored_record_hash
+
+    lines = await _export(sm, signer)
+    recs = [json.loads(x) for x in lines[1:-1]]
+    recs[149]["payload"]["model"] = "fake"
+    prev = recs[148]["hash"]
+    for rec in recs[149:]:
+        payload = canonical_json(rec["payload"]).decode()
+        rec["prev_hash"] = prev
+        rec["hash"] = prev = stored_record_hash(
+            prev, rec["seq"], rec["id"], rec["kind"], rec["at"], rec["principal"], payload
+        )
+    trailer = json.loads(lines[-1])
+    trailer["flexgate_export_end"]["last_hash"] = prev
+    forged = [lines[0], *(json.dumps(r) + "\n" for r in recs), json.dumps(trailer) + "\n"]
+    report = verify_export(forged, public_keys=_keys(signer))
+    # checkpoint 100 (record 101) matched; the next one covering 150 is 301 (record 302)
+    assert (report.ok, report.first_bad_seq) == (False, 101), report
+    assert "rewritten" in (report.reason or "")
 
 
 async def test_bad_arguments(ledger: AsyncEngine, signer: Signer, sm: Any) -> None:

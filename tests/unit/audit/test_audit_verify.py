@@ -3,6 +3,8 @@ seq and the reason, on SQLite and PostgreSQL (triggers disabled as a superuser w
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from audit_helpers import fill, tamper
 from sqlalchemy import text
@@ -10,6 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit import merkle
+from audit.anchor import Anchors
 from audit.canonical import canonical_json, stored_record_hash
 from audit.checkpoints import Checkpoint
 from audit.db import make_sessionmaker
@@ -66,6 +69,10 @@ async def test_intact_ledger_verifies(ledger: AsyncEngine, signer: Signer) -> No
         "reason": None,
         "checkpoints": 2,
         "head_seq": TOTAL,
+        "anchored_size": max(MARKS) + 1,
+        "derived": [
+            {"table": "ledger_usage", "ok": True, "detail": "0 cells match the records up to seq 0"}
+        ],
     }
     partial = await _verify(ledger, signer, from_seq=20)
     assert partial.ok and partial.records == TOTAL - 19 and partial.checkpoints == 1
@@ -308,11 +315,14 @@ async def test_records_beyond_head(ledger: AsyncEngine, signer: Signer) -> None:
     assert not report.ok
 
 
-async def test_no_trusted_key_fails_closed(ledger: AsyncEngine) -> None:
+async def test_no_trusted_key_fails_closed(ledger: AsyncEngine, tmp_path: Path) -> None:
     async with make_sessionmaker(ledger)() as session:
         report = await verify(session, public_keys={})
-    assert (report.ok, report.first_bad_seq) == (False, 11)
-    assert "no trusted public key" in (report.reason or "")
+        # Without the anchor (another machine), the first stored checkpoint fails instead.
+        elsewhere = await verify(session, public_keys={}, anchors=Anchors(tmp_path / "none"))
+    assert not report.ok and "unknown key" in (report.reason or "")
+    assert (elsewhere.ok, elsewhere.first_bad_seq) == (False, 11)
+    assert "no trusted public key" in (elsewhere.reason or "")
 
 
 async def test_checkpoint_payload_is_canonical(ledger: AsyncEngine) -> None:
