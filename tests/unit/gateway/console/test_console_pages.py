@@ -346,3 +346,23 @@ async def test_oidc_token_sign_in_ends_when_the_token_expires(
     await asyncio.sleep(max(0.0, now + 2.2 - time.time()))
     r = await gw_client.get("/console/experts", follow_redirects=False)
     assert r.status_code == 303 and "ended=expired" in r.headers["location"]
+
+
+async def test_ledger_filters_and_cursor_pages(gw_client: Client, gw_world: GwWorld) -> None:
+    from audit import ledger
+
+    async with gw_world.sm() as s, s.begin():
+        for n in range(60):
+            await ledger.append(s, kind="test.filler", principal="root", payload={"n": n})
+    await sign_in(gw_client, gw_world.keys["compliance_officer"])
+    first = (await gw_client.get("/console/ledger?kind=test.filler")).text
+    seqs = [int(x) for x in re.findall(r'<a href="/console/ledger/(\d+)">', first)]
+    assert len(seqs) == 50 and seqs == sorted(seqs)
+    nxt = re.search(r'<a href="(/console/ledger\?[^"]+)" rel="next">', first)
+    assert nxt is not None and f"after={seqs[-1]}" in nxt.group(1)
+    second = (await gw_client.get(nxt.group(1).replace("&amp;", "&"))).text
+    more = [int(x) for x in re.findall(r'<a href="/console/ledger/(\d+)">', second)]
+    assert len(more) == 10 and more[0] > seqs[-1]
+    assert 'rel="next"' not in second and "First page" in second
+    bad = await gw_client.get("/console/ledger?since=yesterday")
+    assert bad.status_code == 400 and "invalid since" in bad.text
