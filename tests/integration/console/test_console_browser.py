@@ -413,9 +413,9 @@ def test_officer_filters_proves_and_sees_tampering(server: Server, new_page: Any
     page.goto("/console/verify")
     page.get_by_role("button", name="Verify in the browser").click()
     expect(page.locator("#verify-result")).to_contain_text("Verified", timeout=20_000)
+    shot(page, "officer-verify")
     page.get_by_role("button", name="Verify on the server").click()
     expect(page.locator("#server-result")).to_contain_text("Verified")
-    shot(page, "officer-verify")
 
     with sqlite3.connect(server.db_file) as db:
         (original,) = db.execute(
