@@ -242,7 +242,8 @@ async def verify_records(
     db_session: AsyncSession, after: int = 0, limit: int = BROWSER_PAGE
 ) -> Response[dict[str, Any]]:
     """Records as stored, a page at a time, for the browser's own chain check."""
-    rows = await stored_records(db_session, after=after, limit=max(1, min(limit, MAX_LIMIT)))
+    limit = max(1, min(limit, MAX_LIMIT))
+    rows = await stored_records(db_session, after=max(0, after), limit=limit)
     more = len(rows) == limit
     return Response(
         {"records": rows, "next_after": rows[-1]["seq"] if more and rows else None},
