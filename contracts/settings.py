@@ -112,6 +112,12 @@ class Settings:
     policy_poll_s: float = 0.25
     """How often a worker checks the policy version for running streams
     (FLEXGATE_POLICY_POLL_SECONDS)."""
+    console_idle_s: int = 1800
+    """A console session ends after this many seconds without a page
+    (FLEXGATE_CONSOLE_IDLE_SECONDS)."""
+    console_absolute_s: int = 43200
+    """A console session ends this long after sign-in, however busy
+    (FLEXGATE_CONSOLE_ABSOLUTE_SECONDS)."""
     # Per-key limits (gateway.limits): server-wide defaults for keys without their own;
     # 0 = that limit is off.
     rate_rpm: int = 600
@@ -151,6 +157,8 @@ class Settings:
             device=(env.get("FLEXGATE_DEVICE") or "").strip() or "cpu",
             max_body_bytes=_int(env, "FLEXGATE_MAX_BODY_BYTES", 1_048_576, minimum=1024),
             policy_poll_s=_float(env, "FLEXGATE_POLICY_POLL_SECONDS", 0.25, minimum=0.01),
+            console_idle_s=_int(env, "FLEXGATE_CONSOLE_IDLE_SECONDS", 1800, minimum=1),
+            console_absolute_s=_int(env, "FLEXGATE_CONSOLE_ABSOLUTE_SECONDS", 43200, minimum=1),
             rate_rpm=_int(env, "FLEXGATE_RATE_RPM", 600),
             rate_tpm=_int(env, "FLEXGATE_RATE_TPM", 1_000_000),
             rate_max_parallel=_int(env, "FLEXGATE_RATE_MAX_PARALLEL", 32),

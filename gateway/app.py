@@ -19,6 +19,8 @@ from litestar.openapi.spec import Components, SecurityScheme
 from contracts.settings import Settings
 from contracts.settings import settings as current_settings
 from gateway.auth import auth_middleware
+from gateway.console import console_router
+from gateway.console import template_config as console_template_config
 from gateway.controllers import CONTROLLERS
 from gateway.deps import DEPENDENCIES
 from gateway.errors import EXCEPTION_HANDLERS
@@ -60,7 +62,8 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> Lites
     settings = settings or current_settings()
     state = State({"settings": settings, "injected_engine": engine, "ready": False})
     app = Litestar(
-        route_handlers=list(CONTROLLERS),
+        route_handlers=[*CONTROLLERS, console_router()],
+        template_config=console_template_config(),
         middleware=[TelemetryMiddleware, request_id_middleware, auth_middleware()],
         guards=[route_policy],
         dependencies=DEPENDENCIES,

@@ -118,6 +118,40 @@ async def revoke_key(session: AsyncSession, *, actor: Identity, key_id: str) -> 
     return row
 
 
+async def _identity_of(session: AsyncSession, row: ApiKey, now: datetime) -> Identity:
+    """The key's principal as it is now; AuthenticationFailed if the key is revoked or expired."""
+    if row.revoked_at is not None:
+        raise AuthenticationFailed("revoked API key")
+    if row.expires_at is not None and row.expires_at <= now:
+        raise AuthenticationFailed("expired API key")
+    principal: Principal | None = await fresh(session, Principal, row.principal_id)
+    if principal is None:  # pragma: no cover - the foreign key forbids it
+        raise AuthenticationFailed("API key without principal")
+    return Identity(
+        id=principal.id,
+        roles=frozenset(principal.roles),
+        groups=frozenset(principal.groups),
+        via="key",
+        key_id=row.id,
+    )
+
+
+async def identity_of_key(
+    session: AsyncSession, key_id: str, *, now: datetime | None = None
+) -> Identity:
+    """Re-check a key already authenticated once, by its id (the console's sessions).
+
+    The same revocation, expiry and principal checks as `authenticate_key`, read fresh, so a
+    session opened with a key ends on the first page after the key is revoked or expires.
+    """
+    if not _KEY_ID_RE.fullmatch(key_id):
+        raise AuthenticationFailed("malformed key id")
+    row: ApiKey | None = await fresh(session, ApiKey, key_id)
+    if row is None:
+        raise AuthenticationFailed("unknown API key")
+    return await _identity_of(session, row, now or datetime.now(UTC))
+
+
 async def authenticate_key(
     session: AsyncSession, token: str, *, now: datetime | None = None
 ) -> Identity:
@@ -135,20 +169,7 @@ async def authenticate_key(
     if not hmac.compare_digest(presented, row.secret_hash if row is not None else _DUMMY_HASH):
         raise AuthenticationFailed("unknown API key")
     assert row is not None
-    if row.revoked_at is not None:
-        raise AuthenticationFailed("revoked API key")
-    if row.expires_at is not None and row.expires_at <= now:
-        raise AuthenticationFailed("expired API key")
-    principal: Principal | None = await fresh(session, Principal, row.principal_id)
-    if principal is None:  # pragma: no cover - the foreign key forbids it
-        raise AuthenticationFailed("API key without principal")
-    identity = Identity(
-        id=principal.id,
-        roles=frozenset(principal.roles),
-        groups=frozenset(principal.groups),
-        via="key",
-        key_id=key_id,
-    )
+    identity = await _identity_of(session, row, now)
     if row.last_used_at is None or row.last_used_at <= now - LAST_USED_RESOLUTION:
         await session.execute(
             update(ApiKey)
