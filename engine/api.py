@@ -140,6 +140,21 @@ class Engine:
             mask[r, self._indices(ids, r if per_row else None)] = True
         return mask
 
+    def resolve_allowed(self, allowed: Collection[str] | None) -> tuple[str, ...]:
+        """The ids of one request's allowed set in router order, checked as :meth:`mask_for`
+        checks them, without building a tensor: callers on the event loop or request threads
+        use this, since torch work belongs to the scheduler thread (DESIGN.md, "Threads")."""
+        if allowed is None:
+            if len(self._unloaded) == len(self.experts):
+                raise ExpertSetError("no expert is loaded")
+            return self.loaded_expert_ids
+        if isinstance(allowed, str | bytes):
+            raise TypeError("allowed must be a collection of expert ids, not a single string")
+        ids = list(allowed)
+        if not all(isinstance(i, str) for i in ids):
+            raise TypeError("allowed must be a collection of expert ids")
+        return tuple(self.experts[i].id for i in self._indices(ids, None))
+
     def _split_rows(
         self, allowed: Collection[object], batch_size: int
     ) -> tuple[list[Collection[str]], bool]:

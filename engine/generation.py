@@ -130,6 +130,8 @@ class GenerationBackend(Protocol):
 
     def mask_for(self, allowed: Any, batch_size: int) -> torch.Tensor: ...
 
+    def resolve_allowed(self, allowed: Any) -> tuple[str, ...]: ...
+
 
 @dataclass(frozen=True)
 class GenerationRequest:

@@ -305,9 +305,8 @@ class Scheduler:
             )
         if allowed is not None and isinstance(allowed, str):
             raise TypeError("allowed must be a collection of expert ids, not a single string")
-        mask = self.backend.mask_for(None if allowed is None else list(allowed), 1)
-        flags = mask[0].tolist()
-        allowed_ids = tuple(e for e, ok in zip(self._expert_ids, flags, strict=True) if ok)
+        # Plain Python: submit runs on the caller's thread (the event loop), never torch.
+        allowed_ids = self.backend.resolve_allowed(None if allowed is None else list(allowed))
         request = GenerationRequest(
             request_id=request_id or uuid.uuid4().hex,
             prompt_ids=prompt_ids,
