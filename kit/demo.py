@@ -54,7 +54,7 @@ class DemoPlan:
     completion_tokens: int
 
 
-FULL = DemoPlan(1_500_000, 400_000, 40_000, 300, 150, 8, 24, 24)
+FULL = DemoPlan(1_000_000, 300_000, 40_000, 200, 100, 8, 16, 24)
 QUICK = DemoPlan(60_000, 20_000, 6_000, 4, 3, 4, 2, 8)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,24 @@ from kit.errors import KitError
 from kit.modelio import atomic_dir, build_model, fingerprint, load_state, load_tokenizer, prepare_out
 from kit.trainer import Schedule, train
 
-__all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "build_coordinated", "train_expert"]
+__all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "ExpertRun", "build_coordinated", "train_expert"]
 
 FORMAT = "flexgate-expert/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "expert.safetensors"
 PROJ = ("gate_proj", "up_proj", "down_proj")
 MAX_STEPS = 200_000
+
+
+@dataclass
+class ExpertRun:
+    """What :func:`train_expert` did: the artifact folder, the trained 2-expert model and the
+    loss of each step (``complete`` is False when ``stop_after`` ended the run early)."""
+
+    path: Path
+    model: GovernedFlexOlmoForCausalLM
+    losses: list[float]
+    complete: bool
 
 
 def _public_state(public: Path) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -141,7 +152,7 @@ def train_expert(
     checkpoint_every: int = 50,
     world: World | None = None,
     stop_after: int | None = None,
-) -> Path:
+) -> ExpertRun:
     """Train the expert and write its artifact to ``out`` (resuming from ``OUT.partial``)."""
     from engine.experts import _ID_RE  # the one id rule, shared with experts.json
 
@@ -189,7 +200,7 @@ def train_expert(
         stop_after=stop_after,
     )
     if len(result.losses) < steps:
-        return out
+        return ExpertRun(out, model, result.losses, complete=False)
     if world.main:
         manifest = {
             "format": FORMAT,
@@ -219,4 +230,4 @@ def train_expert(
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(work, ignore_errors=True)
     world.barrier()
-    return out
+    return ExpertRun(out, model, result.losses, complete=True)

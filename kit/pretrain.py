@@ -56,7 +56,7 @@ def pretrain(
     docs: Documents,
     out: Path,
     *,
-    size: str = "tiny",
+    size: str | Size = "tiny",
     steps: int = 300,
     seed: int = 0,
     owner: str = "public",
@@ -67,15 +67,15 @@ def pretrain(
 ) -> Path:
     """Train the public model on ``docs`` and write it to ``out``; resumes an interrupted run
     (its checkpoints are kept in ``OUT.partial`` until the model is written)."""
-    if size not in SIZES:
+    if isinstance(size, str) and size not in SIZES:
         raise KitError(f"--size must be one of {', '.join(SIZES)}")
     if not 1 <= steps <= MAX_STEPS:
         raise KitError(f"--steps must be between 1 and {MAX_STEPS}")
     prepare_out(out, force)
     world = world or init_world()
-    spec = SIZES[size]
+    spec = SIZES[size] if isinstance(size, str) else size
     work = out.with_name(out.name + ".partial")
-    settings = {"size": size, "steps": steps, "seed": seed, "owner": owner, "spec": asdict(spec)}
+    settings = {"size": size if isinstance(size, str) else "custom", "steps": steps, "seed": seed, "owner": owner, "spec": asdict(spec)}
     _check_partial(work, settings, force)
 
     torch.manual_seed(seed)
