@@ -147,13 +147,12 @@ def principals(base_url: str) -> None:
 
     cfg = settings()
     if not (cfg.model_dir / "config.json").is_file():
-        raise click.ClickException(
-            f"{cfg.model_dir}: no model (run `flexgate demo build` first)"
-        )
+        raise click.ClickException(f"{cfg.model_dir}: no model (run `flexgate demo build` first)")
     try:
         data, created = ensure_demo_principals(cfg.home, cfg.model_dir)
     except (GovernanceError, AuditError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(("created" if created else "reusing") + f" the demo principals in {cfg.home}",
-               err=True)
+    click.echo(
+        ("created" if created else "reusing") + f" the demo principals in {cfg.home}", err=True
+    )
     click.echo(examples(data, base_url))

@@ -122,9 +122,7 @@ def pretrain_cmd(
 )
 @_FORCE
 @_kit_errors
-def expert_embed(
-    public: Path, data: tuple[Path, ...], out: Path, method: str, force: bool
-) -> None:
+def expert_embed(public: Path, data: tuple[Path, ...], out: Path, method: str, force: bool) -> None:
     """The domain embedding that initialises a new expert's router row."""
     from kit.embed import run_embed
 
@@ -244,9 +242,7 @@ def router_tune_cmd(
         if not sep or not name or not path:
             raise KitError(f"--data {spec!r}: expected ID=PATH")
         docs[name] = read_documents([Path(path)])
-    router_tune(
-        model_dir, docs, out, steps=steps, seed=seed, force=force, world=init_world(device)
-    )
+    router_tune(model_dir, docs, out, steps=steps, seed=seed, force=force, world=init_world(device))
     click.echo(str(out))
 
 
@@ -283,8 +279,11 @@ def eval_cmd(
     label = "+".join(allowed)
     table = perplexity_table(eng, domains, {label: allowed})
     if as_json:
-        click.echo(json.dumps({"model": str(model_dir), "allowed": allowed,
-                               "perplexity": table[label]}, indent=2))
+        click.echo(
+            json.dumps(
+                {"model": str(model_dir), "allowed": allowed, "perplexity": table[label]}, indent=2
+            )
+        )
     else:
         click.echo(f"allowed: {', '.join(allowed)}")
         click.echo(format_table({"perplexity": table[label]}))

@@ -96,23 +96,30 @@ def build_demo(home: Path, *, force: bool = False, quick: bool = False) -> Path 
         build_dir.mkdir(parents=True)
 
         _say("1/5 corpora (held-out splits in demo-data/)")
-        corpora = {
-            d: load_corpus(d, plan.domain_chars, plan.valid_chars) for d in OWNERS
-        }
+        corpora = {d: load_corpus(d, plan.domain_chars, plan.valid_chars) for d in OWNERS}
         closed_texts = [t for c in corpora.values() for t in c.train + c.valid]
         public = load_corpus("public", plan.public_chars, plan.valid_chars, exclude=closed_texts)
         for name, c in {"public": public, **corpora}.items():
             _write_split(data_dir / name, c.train, c.valid)
             tr, va = c.chars()
-            _say(f"    {name:<11} {len(c.train):>5} train docs ({tr:,} chars), "
-                 f"{len(c.valid)} held out ({va:,} chars)")
+            _say(
+                f"    {name:<11} {len(c.train):>5} train docs ({tr:,} chars), "
+                f"{len(c.valid)} held out ({va:,} chars)"
+            )
         if public.dropped_overlap:
             _say(f"    public: dropped {public.dropped_overlap} fortunes quoting a closed domain")
 
         _say(f"2/5 pretrain the public model ({plan.pretrain_steps} steps)")
         public_dir = build_dir / "public"
-        pretrain(Documents(public.train), public_dir, size="tiny", steps=plan.pretrain_steps,
-                 seed=0, owner="public", world=world)
+        pretrain(
+            Documents(public.train),
+            public_dir,
+            size="tiny",
+            steps=plan.pretrain_steps,
+            seed=0,
+            owner="public",
+            world=world,
+        )
 
         _say(f"3/5 train {len(corpora)} experts ({plan.expert_steps} steps each)")
         artifacts = []
@@ -122,9 +129,19 @@ def build_demo(home: Path, *, force: bool = False, quick: bool = False) -> Path 
             run_embed(public_dir, docs, emb, "hidden", force=True)
             art = build_dir / f"expert-{name}"
             _say(f"    expert {i}/{len(corpora)}: {name} (owner {OWNERS[name]})")
-            train_expert(public_dir, docs, emb, art, expert_id=name, owner=OWNERS[name],
-                         description=DESCRIPTIONS[name], steps=plan.expert_steps,
-                         batch_size=plan.expert_batch, seed=i, world=world)
+            train_expert(
+                public_dir,
+                docs,
+                emb,
+                art,
+                expert_id=name,
+                owner=OWNERS[name],
+                description=DESCRIPTIONS[name],
+                steps=plan.expert_steps,
+                batch_size=plan.expert_batch,
+                seed=i,
+                world=world,
+            )
             artifacts.append(art)
 
         _say("4/5 merge")
@@ -142,16 +159,20 @@ def build_demo(home: Path, *, force: bool = False, quick: bool = False) -> Path 
             sets[f"-{name}"] = [e for e in eng.expert_ids if e != name]
         sets["public only"] = ["public"]
         table = perplexity_table(eng, domains, sets)
-        _say("held-out perplexity (columns: experts allowed; '-X': all but X)\n"
-             + format_table(table))
-        gains = {
-            name: 1.0 - table["all"][name] / table[f"-{name}"][name] for name in corpora
-        }
-        _say("own-domain gain of each expert (1 - ppl with / ppl without): "
-             + ", ".join(f"{k} {v:+.1%}" for k, v in gains.items()))
+        _say(
+            "held-out perplexity (columns: experts allowed; '-X': all but X)\n"
+            + format_table(table)
+        )
+        gains = {name: 1.0 - table["all"][name] / table[f"-{name}"][name] for name in corpora}
+        _say(
+            "own-domain gain of each expert (1 - ppl with / ppl without): "
+            + ", ".join(f"{k} {v:+.1%}" for k, v in gains.items())
+        )
         with_code, without_code = _complete(eng, PYTHON_PROMPT, plan.completion_tokens)
-        _say(f"completion of {PYTHON_PROMPT!r}\n    with code:    {with_code!r}\n"
-             f"    without code: {without_code!r}")
+        _say(
+            f"completion of {PYTHON_PROMPT!r}\n    with code:    {with_code!r}\n"
+            f"    without code: {without_code!r}"
+        )
         seconds = time.perf_counter() - t0
         report = {
             "seconds": round(seconds, 1),
@@ -159,16 +180,21 @@ def build_demo(home: Path, *, force: bool = False, quick: bool = False) -> Path 
             "plan": plan.__dict__,
             "perplexity": table,
             "gains": gains,
-            "completion": {"prompt": PYTHON_PROMPT, "with_code": with_code,
-                           "without_code": without_code},
+            "completion": {
+                "prompt": PYTHON_PROMPT,
+                "with_code": with_code,
+                "without_code": without_code,
+            },
             "owners": OWNERS,
         }
         (build_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if not quick:
             weak = [k for k, v in gains.items() if v < MIN_GAIN]
             if weak:
-                raise KitError(f"demo experts {weak} lower their domain's perplexity by less "
-                               f"than {MIN_GAIN:.0%}; see {build_dir / 'report.json'}")
+                raise KitError(
+                    f"demo experts {weak} lower their domain's perplexity by less "
+                    f"than {MIN_GAIN:.0%}; see {build_dir / 'report.json'}"
+                )
             if with_code == without_code:
                 raise KitError("excluding the code expert did not change the Python completion")
         eng.close()

@@ -67,7 +67,8 @@ def hidden_embedding(model: GovernedFlexOlmoForCausalLM, blocks: torch.Tensor) -
             h.remove()
     del inputs
     rows = torch.stack([s / max(c, 1) for s, c in zip(sums, counts, strict=True)])
-    return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    unit: torch.Tensor = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return unit
 
 
 def minilm_embedding(texts: list[str], hidden: int, layers: int) -> torch.Tensor:
@@ -101,7 +102,8 @@ def minilm_embedding(texts: list[str], hidden: int, layers: int) -> torch.Tensor
     proj = torch.randn(MINILM_DIM, hidden, generator=torch.Generator().manual_seed(0))
     row = (mean @ proj) / MINILM_DIM**0.5
     row = row / row.norm().clamp_min(1e-6)
-    return row.unsqueeze(0).repeat(layers, 1)
+    rows: torch.Tensor = row.unsqueeze(0).repeat(layers, 1)
+    return rows
 
 
 def compute_embedding(
@@ -139,7 +141,7 @@ def read_embedding(path: Path, layers: int, hidden: int) -> torch.Tensor:
         raise KitError(f"{path}: no such embedding file (run `flexgate expert embed`)")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            emb = f.get_tensor("embedding").float()
+            emb: torch.Tensor = f.get_tensor("embedding").float()
     except Exception as exc:  # safetensors raises its own types for a bad file
         raise KitError(f"{path}: not an embedding file ({exc})") from exc
     if tuple(emb.shape) != (layers, hidden):

@@ -30,7 +30,14 @@ from kit.distributed import World, init_world
 from kit.documents import Documents
 from kit.embed import read_embedding
 from kit.errors import KitError
-from kit.modelio import atomic_dir, build_model, fingerprint, load_state, load_tokenizer, prepare_out
+from kit.modelio import (
+    atomic_dir,
+    build_model,
+    fingerprint,
+    load_state,
+    load_tokenizer,
+    prepare_out,
+)
 from kit.trainer import Schedule, train
 
 __all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "ExpertRun", "build_coordinated", "train_expert"]
@@ -157,9 +164,7 @@ def train_expert(
     from engine.experts import _ID_RE  # the one id rule, shared with experts.json
 
     if not _ID_RE.match(expert_id) or expert_id == "public":
-        raise KitError(
-            f"invalid expert id {expert_id!r}: letters, digits, '._:-', not 'public'"
-        )
+        raise KitError(f"invalid expert id {expert_id!r}: letters, digits, '._:-', not 'public'")
     if not owner.strip():
         raise KitError("--owner must not be empty")
     if not 1 <= steps <= MAX_STEPS:
@@ -173,7 +178,7 @@ def train_expert(
     blocks = tokenize_blocks(tokenizer, docs.texts, seq_len)
     torch.manual_seed(seed)
     model = build_coordinated(config, state, emb, bias)
-    model.to(world.device)
+    model.to(world.device)  # type: ignore[arg-type]  # transformers types .to oddly
     params = trainable(model)
     schedule = Schedule(
         steps=steps,

@@ -77,7 +77,7 @@ def read_artifact(path: Path) -> Artifact:
 def _check_shapes(art: Artifact, config: Any) -> bool:
     """Every expected tensor with its shape; returns whether the artifact has a bias."""
     h, inter, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    expected = {}
+    expected: dict[str, tuple[int, ...]] = {}
     for i in range(n):
         expected[f"layers.{i}.gate_proj.weight"] = (inter, h)
         expected[f"layers.{i}.up_proj.weight"] = (inter, h)
@@ -92,7 +92,9 @@ def _check_shapes(art: Artifact, config: Any) -> bool:
         if got is None:
             problems.append(f"{key} missing")
         elif tuple(got.shape) != shape:
-            problems.append(f"{key} has shape {list(got.shape)}, the public model needs {list(shape)}")
+            problems.append(
+                f"{key} has shape {list(got.shape)}, the public model needs {list(shape)}"
+            )
     problems += [f"{k} unexpected" for k in art.tensors if k not in expected]
     if problems:
         raise KitError(

@@ -59,9 +59,9 @@ def load_state(model_dir: Path) -> tuple[FlexOlmoConfig, dict[str, torch.Tensor]
     return config, state
 
 
-def build_model(config: FlexOlmoConfig, state: Mapping[str, torch.Tensor] | None = None) -> (
-    GovernedFlexOlmoForCausalLM
-):
+def build_model(
+    config: FlexOlmoConfig, state: Mapping[str, torch.Tensor] | None = None
+) -> GovernedFlexOlmoForCausalLM:
     """The engine's model for ``config`` on the CPU in float32, from ``state`` when given."""
     config._attn_implementation = "sdpa"
     model = GovernedFlexOlmoForCausalLM(config)
@@ -69,8 +69,9 @@ def build_model(config: FlexOlmoConfig, state: Mapping[str, torch.Tensor] | None
         missing, unexpected = model.load_state_dict(dict(state), strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
         if missing or unexpected:
-            raise KitError(f"weights do not fit the config: missing {missing[:4]}, "
-                           f"unexpected {unexpected[:4]}")
+            raise KitError(
+                f"weights do not fit the config: missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )
     model.requires_grad_(False)
     model.train(False)
     return model

@@ -75,7 +75,13 @@ def pretrain(
     world = world or init_world()
     spec = SIZES[size] if isinstance(size, str) else size
     work = out.with_name(out.name + ".partial")
-    settings = {"size": size if isinstance(size, str) else "custom", "steps": steps, "seed": seed, "owner": owner, "spec": asdict(spec)}
+    settings = {
+        "size": size if isinstance(size, str) else "custom",
+        "steps": steps,
+        "seed": seed,
+        "owner": owner,
+        "spec": asdict(spec),
+    }
     _check_partial(work, settings, force)
 
     torch.manual_seed(seed)
@@ -95,7 +101,7 @@ def pretrain(
         eos_token_id=tokenizer.eos_token_id,
     )
     model = build_model(config)  # seeded init
-    model.to(world.device)
+    model.to(world.device)  # type: ignore[arg-type]  # transformers types .to oddly
     blocks = tokenize_blocks(tokenizer, docs.texts, spec.seq_len)
     params = {n: p for n, p in model.named_parameters() if ".mlp.gate." not in n}
     for p in params.values():
@@ -115,7 +121,7 @@ def pretrain(
     if len(result.losses) < steps:
         return out  # interrupted on purpose (tests); the checkpoint is in OUT.partial
     model.requires_grad_(False)
-    model.to("cpu")
+    model.to("cpu")  # type: ignore[arg-type]
     rows = embed.hidden_embedding(model, blocks[: min(len(blocks), 64)])
     with torch.no_grad():
         for layer, row in zip(model.model.layers, rows, strict=True):

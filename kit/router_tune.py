@@ -16,8 +16,15 @@ from kit.data import tokenize_blocks
 from kit.distributed import World, init_world
 from kit.documents import Documents
 from kit.errors import KitError
-from kit.modelio import atomic_dir, build_model, load_state, load_tokenizer, prepare_out
-from kit.modelio import read_expert_infos, save_model
+from kit.modelio import (
+    atomic_dir,
+    build_model,
+    load_state,
+    load_tokenizer,
+    prepare_out,
+    read_expert_infos,
+    save_model,
+)
 from kit.trainer import Schedule, train
 
 __all__ = ["router_tune"]
@@ -46,19 +53,28 @@ def router_tune(
     infos = read_expert_infos(model_dir, config.num_experts)
     unknown = sorted(set(data) - {e.id for e in infos})
     if unknown:
-        raise KitError(f"--data for unknown expert id(s) {unknown}; the model has "
-                       f"{', '.join(e.id for e in infos)}")
+        raise KitError(
+            f"--data for unknown expert id(s) {unknown}; the model has "
+            f"{', '.join(e.id for e in infos)}"
+        )
     tokenizer = load_tokenizer(model_dir)
     seq_len = min(seq_len, config.max_position_embeddings)
     per = [tokenize_blocks(tokenizer, d.texts, seq_len) for d in data.values()]
     n = min(len(b) for b in per)
     blocks = torch.cat([b[:n] for b in per])
-    model = build_model(config, state).to(world.device)
+    model = build_model(config, state)
+    model.to(world.device)  # type: ignore[arg-type]  # transformers types .to oddly
     params = {k: p for k, p in model.named_parameters() if ".mlp.gate." in k}
     for p in params.values():
         p.requires_grad_(True)
-    schedule = Schedule(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 10),
-                        weight_decay=0.0, seed=seed)
+    schedule = Schedule(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=max(1, steps // 10),
+        weight_decay=0.0,
+        seed=seed,
+    )
     work = out.with_name(out.name + ".partial")
     if force and work.exists():
         shutil.rmtree(work)
@@ -71,7 +87,7 @@ def router_tune(
 
     train(model, params, blocks, schedule, work, world, label="router-tune", after_step=clamp)
     if world.main:
-        model.to("cpu")
+        model.to("cpu")  # type: ignore[arg-type]
         with atomic_dir(out) as tmp:
             save_model(tmp, config, model.state_dict(), tokenizer, list(infos))
         shutil.rmtree(work, ignore_errors=True)

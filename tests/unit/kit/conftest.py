@@ -66,7 +66,9 @@ def public_dir(tmp_path_factory: pytest.TempPathFactory, public_data: Path) -> P
 
 
 @pytest.fixture(scope="session")
-def embedding_file(tmp_path_factory: pytest.TempPathFactory, public_dir: Path, code_data: Path) -> Path:
+def embedding_file(
+    tmp_path_factory: pytest.TempPathFactory, public_dir: Path, code_data: Path
+) -> Path:
     from kit.embed import run_embed
 
     out = tmp_path_factory.mktemp("emb") / "code.safetensors"
@@ -75,13 +77,23 @@ def embedding_file(tmp_path_factory: pytest.TempPathFactory, public_dir: Path, c
 
 @pytest.fixture(scope="session")
 def code_expert(
-    tmp_path_factory: pytest.TempPathFactory, public_dir: Path, code_data: Path, embedding_file: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    public_dir: Path,
+    code_data: Path,
+    embedding_file: Path,
 ) -> Path:
     from kit.expert import train_expert
 
     out = tmp_path_factory.mktemp("experts") / "code"
     run = train_expert(
-        public_dir, read_documents([code_data]), embedding_file, out,
-        expert_id="code", owner="alice", steps=4, batch_size=4, seq_len=32,
+        public_dir,
+        read_documents([code_data]),
+        embedding_file,
+        out,
+        expert_id="code",
+        owner="alice",
+        steps=4,
+        batch_size=4,
+        seq_len=32,
     )
     return run.path

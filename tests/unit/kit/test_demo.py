@@ -16,8 +16,11 @@ from engine import load_engine
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
-        timeout=600, env={**os.environ, **env},
+        [sys.executable, "-m", "gateway.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env},
     )
 
 
@@ -35,13 +38,21 @@ def test_quick_demo_builds_a_servable_model(demo_home: Path) -> None:
     experts = json.loads((model / "experts.json").read_text())["experts"]
     assert [e["id"] for e in experts] == ["public", "code", "legal", "literature", "biomedical"]
     assert {e["id"]: e["owner"] for e in experts[1:]} == {
-        "code": "alice", "legal": "alice", "literature": "bob", "biomedical": "bob"
+        "code": "alice",
+        "legal": "alice",
+        "literature": "bob",
+        "biomedical": "bob",
     }
     eng = load_engine(model)
     assert eng.config.num_experts == 5 and eng.config.num_experts_per_tok == 2
     report = json.loads((demo_home / "demo-build" / "report.json").read_text())
-    assert set(report["perplexity"]["all"]) == {"public", "code", "legal", "literature",
-                                                "biomedical"}
+    assert set(report["perplexity"]["all"]) == {
+        "public",
+        "code",
+        "legal",
+        "literature",
+        "biomedical",
+    }
     assert set(report["gains"]) == {"code", "legal", "literature", "biomedical"}
     for name in ("public", "code"):
         assert (demo_home / "demo-data" / name / "valid.txt").stat().st_size > 0

@@ -14,8 +14,15 @@ from safetensors.torch import load_file
 def _run(args: list[str], procs: int | None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc_per_node={procs}", "-m", "gateway.cli"]
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            "-m",
+            "gateway.cli",
+        ]
         if procs
         else [sys.executable, "-m", "gateway.cli"]
     )
@@ -24,8 +31,18 @@ def _run(args: list[str], procs: int | None) -> None:
 
 
 def test_two_processes_match_one(tmp_path: Path, public_data: Path) -> None:
-    common = ["model", "pretrain", "--data", str(public_data), "--size", "tiny", "--steps", "3",
-              "--device", "cpu"]
+    common = [
+        "model",
+        "pretrain",
+        "--data",
+        str(public_data),
+        "--size",
+        "tiny",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+    ]
     _run([*common, "--out", str(tmp_path / "one")], None)
     _run([*common, "--out", str(tmp_path / "two")], 2)
     a = load_file(str(tmp_path / "one" / "model.safetensors"))

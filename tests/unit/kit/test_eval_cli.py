@@ -18,8 +18,16 @@ def test_eval_json_and_table(
     tmp_path: Path, public_dir: Path, code_expert: Path, code_data: Path, public_data: Path
 ) -> None:
     model = merge(public_dir, [code_expert], tmp_path / "m")
-    base = ["model", "eval", "--model", str(model), "--data", f"code={code_data}",
-            "--data", f"public={public_data}"]
+    base = [
+        "model",
+        "eval",
+        "--model",
+        str(model),
+        "--data",
+        f"code={code_data}",
+        "--data",
+        f"public={public_data}",
+    ]
     r = _cli(*base, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -46,8 +54,20 @@ def test_router_tune_trains_only_the_router(
 
     model = merge(public_dir, [code_expert], tmp_path / "m")
     out = tmp_path / "tuned"
-    r = _cli("model", "router-tune", "--model", str(model), "--data", f"code={code_data}",
-             "--data", f"public={public_data}", "--out", str(out), "--steps", "3")
+    r = _cli(
+        "model",
+        "router-tune",
+        "--model",
+        str(model),
+        "--data",
+        f"code={code_data}",
+        "--data",
+        f"public={public_data}",
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+    )
     assert r.returncode == 0, r.stderr
     a = load_file(str(model / "model.safetensors"))
     b = load_file(str(out / "model.safetensors"))
@@ -55,6 +75,14 @@ def test_router_tune_trains_only_the_router(
     for k in a:
         same = bool((a[k] == b[k]).all())
         assert same != (".mlp.gate." in k), k
-    r = _cli("model", "router-tune", "--model", str(model), "--data", f"math={code_data}",
-             "--out", str(tmp_path / "t2"))
+    r = _cli(
+        "model",
+        "router-tune",
+        "--model",
+        str(model),
+        "--data",
+        f"math={code_data}",
+        "--out",
+        str(tmp_path / "t2"),
+    )
     assert r.returncode == 1 and "unknown expert id" in r.stderr

@@ -18,13 +18,23 @@ from kit.merge import merge
 
 @pytest.fixture(scope="module")
 def second_expert(
-    tmp_path_factory: pytest.TempPathFactory, public_dir: Path, public_data: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    public_dir: Path,
+    public_data: Path,
     embedding_file: Path,
 ) -> Path:
     out = tmp_path_factory.mktemp("e2") / "fortune"
     return train_expert(
-        public_dir, read_documents([public_data]), embedding_file, out, expert_id="fortune",
-        owner="bob", description="more fortunes", steps=2, batch_size=4, seq_len=32,
+        public_dir,
+        read_documents([public_data]),
+        embedding_file,
+        out,
+        expert_id="fortune",
+        owner="bob",
+        description="more fortunes",
+        steps=2,
+        batch_size=4,
+        seq_len=32,
     ).path
 
 
@@ -34,10 +44,13 @@ def test_merged_loads_in_transformers_and_equals_the_engine(
     out = merge(public_dir, [code_expert, second_expert], tmp_path / "merged", top_k=2)
     experts = json.loads((out / "experts.json").read_text())["experts"]
     assert [(e["id"], e.get("owner")) for e in experts] == [
-        ("public", "public"), ("code", "alice"), ("fortune", "bob")
+        ("public", "public"),
+        ("code", "alice"),
+        ("fortune", "bob"),
     ]
-    ref, info = FlexOlmoForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                    output_loading_info=True)
+    ref, info = FlexOlmoForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"]
     eng = load_engine(out)
@@ -50,10 +63,13 @@ def test_merged_loads_in_transformers_and_equals_the_engine(
     merged = load_file(str(out / "model.safetensors"))
     art = load_file(str(code_expert / "expert.safetensors"))
     pub = load_file(str(public_dir / "model.safetensors"))
-    assert torch.equal(merged["model.layers.1.mlp.experts.1.down_proj.weight"],
-                       art["layers.1.down_proj.weight"])
-    assert torch.equal(merged["model.layers.0.mlp.experts.0.gate_proj.weight"],
-                       pub["model.layers.0.mlp.experts.0.gate_proj.weight"])
+    assert torch.equal(
+        merged["model.layers.1.mlp.experts.1.down_proj.weight"], art["layers.1.down_proj.weight"]
+    )
+    assert torch.equal(
+        merged["model.layers.0.mlp.experts.0.gate_proj.weight"],
+        pub["model.layers.0.mlp.experts.0.gate_proj.weight"],
+    )
     assert torch.equal(merged["model.layers.0.mlp.gate.weight"][1], art["layers.0.router"])
     assert not any(k.endswith("gate.bias") for k in merged)
 
@@ -87,7 +103,9 @@ def test_refuses_an_expert_of_another_public_model(
     _assert_nothing_written(tmp_path, "m")
 
 
-def test_refuses_two_experts_with_one_id(tmp_path: Path, public_dir: Path, code_expert: Path) -> None:
+def test_refuses_two_experts_with_one_id(
+    tmp_path: Path, public_dir: Path, code_expert: Path
+) -> None:
     with pytest.raises(KitError, match="two experts with id 'code'"):
         merge(public_dir, [code_expert, code_expert], tmp_path / "m")
     _assert_nothing_written(tmp_path, "m")

@@ -28,8 +28,9 @@ def test_public_model_shapes_and_tokenizer(public_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(public_dir))
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
     assert tok.eos_token_id == config["eos_token_id"]
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|user|>\nhi\n<|assistant|>\n"
     assert tok.decode(tok("any text, even ünïcode")["input_ids"]) == "any text, even ünïcode"
     experts = json.loads((public_dir / "experts.json").read_text())["experts"]
