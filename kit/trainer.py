@@ -134,6 +134,7 @@ def train(
     after_step: Callable[[], None] | None = None,
     forward_kwargs: dict[str, Any] | None = None,
     stop_after: int | None = None,
+    lr_scale: Callable[[str], float] | None = None,
 ) -> TrainResult:
     """Train ``params`` (name -> parameter of ``model``) on ``blocks`` ``[n, seq_len]``.
 
@@ -143,11 +144,15 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     names = sorted(params)
     plist = [params[n] for n in names]
-    decay = [p for n, p in zip(names, plist, strict=True) if p.dim() >= 2]
-    no_decay = [p for n, p in zip(names, plist, strict=True) if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": schedule.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    # one group per (weight decay, learning-rate scale); matrices decay, vectors do not
+    by_group: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for n, p in zip(names, plist, strict=True):
+        wd = schedule.weight_decay if p.dim() >= 2 else 0.0
+        by_group.setdefault((wd, lr_scale(n) if lr_scale else 1.0), []).append(p)
+    groups = [
+        {"params": ps, "weight_decay": wd, "lr_scale": scale}
+        for (wd, scale), ps in sorted(by_group.items())
+    ]
     opt = torch.optim.AdamW(groups, lr=schedule.lr, betas=schedule.betas, eps=1e-8)
     result = TrainResult()
     ckpt = work_dir / CHECKPOINT
@@ -175,7 +180,7 @@ def train(
     extra = forward_kwargs or {}
     for step in _steps(start, schedule.steps, stop_after):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, schedule)
+            group["lr"] = lr_at(step, schedule) * group["lr_scale"]
         rows = batch_rows(
             global_batch(n_blocks, schedule.batch_size, step, schedule.seed), world.rank, world.size
         )
