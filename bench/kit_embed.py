@@ -6,7 +6,7 @@ expert's domain and on the public domain (through the engine). Lower is better o
 first says the expert helps its domain, the second that the router leaves public text to the
 public expert. Results go to docs/kit.md.
 
-    PYTHONPATH=. python bench/kit_embed.py [FLEXGATE_HOME] [STEPS]
+    python bench/kit_embed.py [FLEXGATE_HOME] [STEPS]
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+# the repository root first: bench/engine.py would shadow the engine package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import load_engine
 from kit.documents import Documents
@@ -40,8 +43,17 @@ def main() -> None:
             docs = Documents([(data / domain / "train.txt").read_text()[:200_000]])
             for method in ("hidden", "minilm"):
                 emb = run_embed(public, docs, tmp / f"{domain}-{method}.st", method, force=True)
-                art = train_expert(public, docs, emb, tmp / f"{domain}-{method}", expert_id=domain,
-                                   owner="bench", steps=steps, batch_size=8, seed=1).path
+                art = train_expert(
+                    public,
+                    docs,
+                    emb,
+                    tmp / f"{domain}-{method}",
+                    expert_id=domain,
+                    owner="bench",
+                    steps=steps,
+                    batch_size=8,
+                    seed=1,
+                ).path
                 merged = merge(public, [art], tmp / f"m-{domain}-{method}", force=True)
                 eng = load_engine(merged)
                 own = domain_blocks(eng, [(data / domain / "valid.txt").read_text()], 16)

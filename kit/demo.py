@@ -39,7 +39,7 @@ DESCRIPTIONS = {
     "legal": "software licence texts",
 }
 MIN_GAIN = 0.10
-PYTHON_PROMPT = "def read_config(path):\n    "
+PYTHON_PROMPT = "if __name__ == "
 
 
 @dataclass(frozen=True)
