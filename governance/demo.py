@@ -98,8 +98,7 @@ def examples(data: dict[str, Any], base: str) -> str:
     lic = data["licenses"].get("code", "LICENSE_ID")
     owner = data.get("owners", {}).get("code") or "alice"
     body = (
-        '{"model": "demo-model", "prompt": "def read_config(path):\\n    ", '
-        '"max_tokens": 24, "temperature": 0}'
+        '{"model": "demo-model", "prompt": "if __name__ == ", "max_tokens": 16, "temperature": 0}'
     )
     return f"""\
 Demo principals (keys in $FLEXGATE_HOME/{KEYS_FILE}, mode 0600):
@@ -130,8 +129,8 @@ curl -s {base}/v1/audit/verify -H "Authorization: Bearer $OFFICER_KEY"
 python - <<'EOF'
 from openai import OpenAI
 client = OpenAI(base_url="{base}/v1", api_key="{k[APP]}")
-r = client.completions.create(model="demo-model", prompt="def read_config(path):\\n    ",
-                              max_tokens=24, temperature=0,
+r = client.completions.create(model="demo-model", prompt="if __name__ == ",
+                              max_tokens=16, temperature=0,
                               extra_body={{"experts": {{"exclude": ["literature"]}}}})
 print(r.choices[0].text)
 print(r.model_extra["flexgate"]["experts"])

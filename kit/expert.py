@@ -195,7 +195,7 @@ def train_expert(
     )
     work = out.with_name(out.name + ".partial")
     if force and work.exists():
-        shutil.rmtree(work)
+        shutil.rmtree(work, ignore_errors=True)  # every rank does this; one of them wins
     result = train(
         model,
         params,

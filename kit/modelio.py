@@ -136,6 +136,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     existing ``out`` is replaced); removed when it fails."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is read by the server's user
     try:
         yield tmp
         old = None

@@ -158,7 +158,7 @@ def _check_partial(work: Path, settings: dict[str, object], force: bool) -> None
     """A partial run with other settings is refused (or, with --force, started again)."""
     marker = work / "settings.json"
     if work.exists() and force:
-        shutil.rmtree(work)
+        shutil.rmtree(work, ignore_errors=True)  # every rank does this; one of them wins
     if marker.is_file() and json.loads(marker.read_text()) != settings:
         raise KitError(f"{work}: an interrupted run with other settings; pass --force to restart")
     work.mkdir(parents=True, exist_ok=True)

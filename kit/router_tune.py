@@ -77,7 +77,7 @@ def router_tune(
     )
     work = out.with_name(out.name + ".partial")
     if force and work.exists():
-        shutil.rmtree(work)
+        shutil.rmtree(work, ignore_errors=True)
 
     def clamp() -> None:
         with torch.no_grad():
