@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
+import importlib.util
 import json
 import re
 import sys
@@ -61,11 +62,11 @@ class Corpus:
 
 
 def _package_dir(module: str) -> Path:
-    try:
-        mod = __import__(module)
-    except ImportError as exc:
-        raise KitError(f"corpus source {module!r} is not installed: {_INSTALL_HINT}") from exc
-    return Path(mod.__file__ or "").parent
+    """Where an installed package lies, found without importing it (only its files are read)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise KitError(f"corpus source {module!r} is not installed: {_INSTALL_HINT}")
+    return Path(spec.origin).parent
 
 
 def _code() -> Iterator[tuple[str, str]]:
