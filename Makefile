@@ -4,11 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint clean
+.PHONY: venv test lint clean run
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test,dev]'
+	$(PY) -m pip install -q -e '.[test,dev,corpora]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -16,12 +16,23 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy engine audit governance gateway contracts
+	$(VENV)/bin/mypy engine audit governance gateway contracts kit
 
 # pytest exits 5 when it collected nothing: that is a failure here, never a pass.
 test: $(STAMP) lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "FAIL: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The README's first command: migrate, build the demo model once, create the demo principals
+# once (keys in $FLEXGATE_HOME, mode 0600; printed with examples), then serve.
+FLEXGATE_HOME ?= $(CURDIR)/var
+FLEXGATE := FLEXGATE_HOME=$(FLEXGATE_HOME) $(PY) -m gateway.cli
+
+run: $(STAMP)
+	$(FLEXGATE) db upgrade
+	test -f $(FLEXGATE_HOME)/demo-model/config.json || $(FLEXGATE) demo build
+	$(FLEXGATE) demo principals
+	$(FLEXGATE) serve --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

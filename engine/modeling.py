@@ -230,7 +230,8 @@ class GovernedSparseMoeBlock(nn.Module):
         if self._direct_flags()[e]:
             gate_w = expert.gate_proj.weight
             if (
-                xe.shape[0] <= kernels.SKINNY_MAX
+                not torch.is_grad_enabled()  # the fast form is for inference; training: F.linear
+                and xe.shape[0] <= kernels.SKINNY_MAX
                 and xe.device.type == "cpu"
                 and kernels.transposed_is_faster(gate_w, xe.shape[0], self._cpu_gate_weights)
             ):
@@ -347,10 +348,13 @@ class GovernedFlexOlmoForCausalLM(GovernedFlexOlmoPreTrainedModel, fo.FlexOlmoFo
         logits_to_keep: int | torch.Tensor = 0,
         routing: RoutingControl | None = None,
         past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
         """Logits for ``input_ids`` under ``routing``; ``cache`` (alias ``past_key_values``)
-        is the KV cache, returned in ``out.cache`` (alias ``out.past_key_values``)."""
+        is the KV cache, returned in ``out.cache`` (alias ``out.past_key_values``). With
+        ``labels`` (training, kit/), ``out.loss`` is transformers' causal-LM loss (labels are
+        shifted inside; -100 is ignored)."""
         if past_key_values is not None:
             if cache is not None:
                 raise ValueError("pass either cache or past_key_values, not both")
@@ -373,7 +377,11 @@ class GovernedFlexOlmoForCausalLM(GovernedFlexOlmoPreTrainedModel, fo.FlexOlmoFo
         else:
             hidden_states = hidden_states[:, logits_to_keep, :]
         logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size)
         return MoeCausalLMOutputWithPast(
+            loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,

@@ -1,0 +1,243 @@
+"""``flexgate expert train``: one data owner's expert, trained against the frozen public model.
+
+Coordinated training as in the FlexOlmo paper: the public model becomes a 2-expert MoE, top-k
+2. Expert 0 is the public FFN (frozen); expert 1 starts as a copy of it and trains. The router
+has two rows: the public row (frozen) and the new row, initialised from the domain embedding
+(:mod:`kit.embed`), which trains. With the bias on (default), the router adds a learned bias to
+the new expert's logit, clamped to <= 0 after every step (the public expert's bias is 0 and
+frozen). Embeddings, attention, norms and lm_head are frozen. AdamW without weight decay.
+
+The artifact (``EXPERT_DIR``) holds only what is new: ``expert.safetensors`` with, per layer,
+the new FFN (``layers.N.{gate,up,down}_proj.weight``), the router row (``layers.N.router``)
+and the bias (``layers.N.bias``, when trained), and ``manifest.json`` (id, owner, the public
+model's fingerprint, token and document counts, settings). No text.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from engine.modeling import ROUTER_BIAS_ATTR, GovernedFlexOlmoForCausalLM
+from kit.data import tokenize_blocks
+from kit.distributed import World, init_world
+from kit.documents import Documents
+from kit.embed import read_embedding
+from kit.errors import KitError
+from kit.modelio import (
+    atomic_dir,
+    build_model,
+    fingerprint,
+    load_state,
+    load_tokenizer,
+    prepare_out,
+)
+from kit.trainer import Schedule, train
+
+__all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "ExpertRun", "build_coordinated", "train_expert"]
+
+FORMAT = "flexgate-expert/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "expert.safetensors"
+PROJ = ("gate_proj", "up_proj", "down_proj")
+MAX_STEPS = 200_000
+ROUTER_LR_SCALE = 0.1
+"""The router row and bias learn at a tenth of the FFN's rate: trained on the owner's data
+alone, a row can only learn to take more tokens, so it is kept near its embedding, which
+tells the owner's text from other text (docs/kit.md, "Routing")."""
+
+
+@dataclass
+class ExpertRun:
+    """What :func:`train_expert` did: the artifact folder, the trained 2-expert model and the
+    loss of each step (``complete`` is False when ``stop_after`` ended the run early)."""
+
+    path: Path
+    model: GovernedFlexOlmoForCausalLM
+    losses: list[float]
+    complete: bool
+
+
+def _public_state(public: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    config, state = load_state(public)
+    if config.num_experts != 1:
+        raise KitError(
+            f"{public}: has {config.num_experts} experts; a public model for expert training "
+            "is dense (one expert, as `flexgate model pretrain` writes)"
+        )
+    if getattr(config, ROUTER_BIAS_ATTR, False):
+        raise KitError(f"{public}: a public model carries no router bias")
+    return config, state
+
+
+def build_coordinated(
+    public_config: Any,
+    public_state: dict[str, torch.Tensor],
+    embedding: torch.Tensor,
+    bias: bool,
+) -> GovernedFlexOlmoForCausalLM:
+    """The 2-expert model: [public FFN, copy of it], router rows [public, embedding]."""
+    config = public_config.__class__.from_dict(public_config.to_dict())
+    config.num_experts = 2
+    config.num_experts_per_tok = 2
+    setattr(config, ROUTER_BIAS_ATTR, bias)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in public_state.items():
+        if ".mlp.experts.0." in key:
+            state[key] = value.clone()
+            state[key.replace(".experts.0.", ".experts.1.")] = value.clone()
+        elif key.endswith(".mlp.gate.weight"):
+            layer = int(key.split(".")[2])
+            state[key] = torch.cat([value, embedding[layer].unsqueeze(0)])
+        else:
+            state[key] = value.clone()
+    if bias:
+        for layer in range(config.num_hidden_layers):
+            state[f"model.layers.{layer}.mlp.gate.bias"] = torch.zeros(2)
+    return build_model(config, state)
+
+
+def trainable(model: GovernedFlexOlmoForCausalLM) -> dict[str, torch.nn.Parameter]:
+    """The new expert's FFNs, the router weights and biases (their public rows are masked)."""
+    out: dict[str, torch.nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        if ".mlp.experts.1." in name or ".mlp.gate." in name:
+            out[name] = p
+    for p in out.values():
+        p.requires_grad_(True)
+    return out
+
+
+def _mask_public(model: GovernedFlexOlmoForCausalLM) -> None:
+    """Zero the public rows' gradients: AdamW without weight decay then leaves them as they
+    are, bit for bit (a zero gradient gives zero moments and a zero update)."""
+    for layer in model.model.layers:
+        gate = layer.mlp.gate
+        if gate.weight.grad is not None:
+            gate.weight.grad[0].zero_()
+        if gate.bias is not None and gate.bias.grad is not None:
+            gate.bias.grad[0].zero_()
+
+
+def _clamp_bias(model: GovernedFlexOlmoForCausalLM) -> None:
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.mlp.gate.bias is not None:
+                layer.mlp.gate.bias[1:].clamp_(max=0.0)
+
+
+def artifact_tensors(model: GovernedFlexOlmoForCausalLM) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(model.model.layers):
+        expert = layer.mlp.experts[1]
+        for proj in PROJ:
+            out[f"layers.{i}.{proj}.weight"] = getattr(expert, proj).weight.detach().clone()
+        out[f"layers.{i}.router"] = layer.mlp.gate.weight[1].detach().clone()
+        if layer.mlp.gate.bias is not None:
+            out[f"layers.{i}.bias"] = layer.mlp.gate.bias[1:].detach().clone()
+    return {k: v.float().contiguous().cpu() for k, v in out.items()}
+
+
+def train_expert(
+    public: Path,
+    docs: Documents,
+    embedding_file: Path,
+    out: Path,
+    *,
+    expert_id: str,
+    owner: str,
+    description: str | None = None,
+    steps: int = 200,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    seq_len: int = 128,
+    bias: bool = True,
+    seed: int = 0,
+    force: bool = False,
+    checkpoint_every: int = 50,
+    world: World | None = None,
+    stop_after: int | None = None,
+) -> ExpertRun:
+    """Train the expert and write its artifact to ``out`` (resuming from ``OUT.partial``)."""
+    from engine.experts import _ID_RE  # the one id rule, shared with experts.json
+
+    if not _ID_RE.match(expert_id) or expert_id == "public":
+        raise KitError(f"invalid expert id {expert_id!r}: letters, digits, '._:-', not 'public'")
+    if not owner.strip():
+        raise KitError("--owner must not be empty")
+    if not 1 <= steps <= MAX_STEPS:
+        raise KitError(f"--steps must be between 1 and {MAX_STEPS}")
+    prepare_out(out, force)
+    world = world or init_world()
+    config, state = _public_state(public)
+    emb = read_embedding(embedding_file, config.num_hidden_layers, config.hidden_size)
+    tokenizer = load_tokenizer(public)
+    seq_len = min(seq_len, config.max_position_embeddings)
+    blocks = tokenize_blocks(tokenizer, docs.texts, seq_len)
+    torch.manual_seed(seed)
+    model = build_coordinated(config, state, emb, bias)
+    model.to(world.device)  # type: ignore[arg-type]  # transformers types .to oddly
+    params = trainable(model)
+    schedule = Schedule(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=max(1, steps // 10),
+        weight_decay=0.0,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    work = out.with_name(out.name + ".partial")
+    if force and work.exists():
+        shutil.rmtree(work, ignore_errors=True)  # every rank does this; one of them wins
+    result = train(
+        model,
+        params,
+        blocks,
+        schedule,
+        work,
+        world,
+        label=f"expert {expert_id}",
+        grad_hook=lambda: _mask_public(model),
+        after_step=lambda: _clamp_bias(model),
+        stop_after=stop_after,
+        lr_scale=lambda name: ROUTER_LR_SCALE if ".mlp.gate." in name else 1.0,
+    )
+    if len(result.losses) < steps:
+        return ExpertRun(out, model, result.losses, complete=False)
+    if world.main:
+        manifest = {
+            "format": FORMAT,
+            "id": expert_id,
+            "owner": owner,
+            "description": description or f"expert {expert_id}",
+            "public_fingerprint": fingerprint(state),
+            "public_shapes": {
+                "hidden_size": config.hidden_size,
+                "intermediate_size": config.intermediate_size,
+                "num_hidden_layers": config.num_hidden_layers,
+                "vocab_size": config.vocab_size,
+            },
+            "documents": len(docs.texts),
+            "files": docs.files,
+            "skipped_not_utf8": docs.skipped_not_utf8,
+            "skipped_empty": docs.skipped_empty,
+            "tokens_available": int(blocks.numel()),
+            "tokens_seen": result.tokens,
+            "router_bias": bias,
+            "final_loss": result.losses[-1],
+            "first_loss": result.losses[0],
+            "settings": {**asdict(schedule), "seq_len": seq_len, "top_k": 2},
+        }
+        with atomic_dir(out) as tmp:
+            save_file(artifact_tensors(model), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(work, ignore_errors=True)
+    world.barrier()
+    return ExpertRun(out, model, result.losses, complete=True)
