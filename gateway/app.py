@@ -11,7 +11,8 @@ from typing import Any
 
 from litestar import Litestar
 from litestar.datastructures import State
-from litestar.openapi import OpenAPIConfig
+from litestar.handlers import HTTPRouteHandler
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
@@ -25,6 +26,7 @@ from gateway.guards import route_policy
 from gateway.lifespan import lifespan
 from gateway.request_ids import request_id_middleware
 from gateway.runtime import runtime_lifespan
+from gateway.schemas.openai import ErrorResponse
 from gateway.telemetry import TelemetryMiddleware
 
 
@@ -57,7 +59,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> Lites
     lifespan loads `settings.model_dir` off the event loop."""
     settings = settings or current_settings()
     state = State({"settings": settings, "injected_engine": engine, "ready": False})
-    return Litestar(
+    app = Litestar(
         route_handlers=list(CONTROLLERS),
         middleware=[TelemetryMiddleware, request_id_middleware, auth_middleware()],
         guards=[route_policy],
@@ -69,3 +71,20 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> Lites
         request_max_body_size=settings.max_body_bytes,
         debug=False,
     )
+    document_errors(app)
+    return app
+
+
+def document_errors(app: Litestar) -> None:
+    """Every route may answer errors in the OpenAI shape (the guard, the bearer middleware,
+    the body limit and the database are app-wide): say so in the schema of each operation,
+    unless its handler documents that status itself."""
+    spec = ResponseSpec(ErrorResponse, description="error (OpenAI shape)")
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            if not isinstance(handler, HTTPRouteHandler) or not handler.include_in_schema:
+                continue
+            anonymous = handler.resolve_security() == [{}]
+            codes = [400, 404, 405, 413, 503] + ([] if anonymous else [401, 403, 429])
+            own = dict(handler.responses or {})
+            handler.responses = {**{c: spec for c in codes}, **own}

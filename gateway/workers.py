@@ -6,9 +6,10 @@ the process id and a random id made when the process started. A stream that ende
 `started_seq`. At start-up each worker scans for started records with no end whose worker is
 on this host and is not a live process (`os.kill(pid, 0)` fails, or the pid is alive but is
 a different instance: a reused pid, or this very process restarted), and appends
-`inference.aborted` for each. Started records of other hosts are never touched: only their
-own host can tell whether they still run (a host gone for good leaves them open, visible to
-`flexgate audit query --kind inference.started`).
+`inference.aborted` for each, one worker at a time (a lock file in FLEXGATE_HOME, so the
+workers of a restarted server do not both close the same stream). Started records of
+other hosts are never touched: only their own host can tell whether they still run (a host
+gone for good leaves them open, visible to `flexgate audit query --kind inference.started`).
 """
 
 from __future__ import annotations

@@ -10,8 +10,13 @@ record without an end; `close_dead_streams` (run at start-up, see gateway.worker
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from audit.inference import inference_payload
@@ -166,8 +171,28 @@ async def open_streams(state: Any) -> list[Any]:
     return [e for e in started if e.seq not in ended]
 
 
+@contextlib.asynccontextmanager
+async def _host_lock(home: Path) -> AsyncIterator[None]:
+    """One worker of this host at a time scans and closes (the workers of a restarted
+    server start together; the second then finds the first one's aborted records)."""
+    fd = os.open(home / ".inference-abort.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 async def close_dead_streams(state: Any) -> int:
     """Append `inference.aborted` for open streams of this host's dead workers."""
+    async with _host_lock(state.settings.home):
+        return await _close_dead_streams(state)
+
+
+async def _close_dead_streams(state: Any) -> int:
     me: WorkerId = state.worker
     count = 0
     for entry in await open_streams(state):

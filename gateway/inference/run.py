@@ -106,6 +106,8 @@ class Run:
         self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self._pumps: list[asyncio.Task[None]] = []
         self._closing: asyncio.Task[Any] | None = None
+        self.failed = False
+        """A sequence failed in the engine: the record's status is `error`."""
 
     # -- start ------------------------------------------------------------------------------
 
@@ -197,6 +199,7 @@ class Run:
         while remaining:
             row, event = await self._queue.get()
             if isinstance(event, Exception):
+                self.failed = True
                 self.cancel()
                 raise _engine_error(event)
             if isinstance(event, Finished):
@@ -293,6 +296,6 @@ class Run:
             log.error("request %s: sequences did not end after cancel", self.request_id)
         results = [r.result for r in self.rows if r.result is not None]
         try:
-            await self._append_final("cancelled", results)
+            await self._append_final("error" if self.failed else "cancelled", results)
         except ApiError:
             log.error("request %s: the cancelled record could not be appended", self.request_id)

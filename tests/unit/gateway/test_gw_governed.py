@@ -144,7 +144,7 @@ async def test_withdrawal_during_a_stream_applies_from_the_next_token(
     gw_live: Any, gw_world: Any
 ) -> None:
     await grant(gw_world.sm, "code")
-    body = completion(prompt="The", max_tokens=900, stream=True)
+    body = completion(prompt="The", max_tokens=300, stream=True)
     chunks: list[Any] = []
     withdrawn = False
     async with (

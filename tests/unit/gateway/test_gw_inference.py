@@ -197,6 +197,7 @@ BAD: list[tuple[str, Any, int, str | None]] = [
     ("/v1/completions", completion(temperature=3), 400, "temperature"),
     ("/v1/completions", completion(top_p=0), 400, "top_p"),
     ("/v1/completions", completion(suffix="x"), 400, "suffix"),
+    ("/v1/completions", completion(echo=True, stream=True), 400, "echo"),
     ("/v1/completions", completion(logit_bias={"1": 2}), 400, "logit_bias"),
     ("/v1/completions", completion(presence_penalty=0.5), 400, "presence_penalty"),
     ("/v1/completions", completion(frequency_penalty=1), 400, "frequency_penalty"),
@@ -270,3 +271,36 @@ async def test_bad_input_is_a_named_4xx_and_appends_nothing(
     r = await gw_client.post("/v1/completions", content=huge, headers=hdr)
     assert_error(r, 413)
     assert await ledger_seq(gw_world.sm) == before
+
+
+@needs_logprobs
+async def test_echo_logprobs_equal_the_pruned_models_log_softmax(
+    gw_client: Client, gw_world: Any, gw_engine: Any
+) -> None:
+    import threading
+
+    import torch
+
+    r = await post(
+        gw_client,
+        gw_world,
+        "/v1/completions",
+        completion(prompt="The quick brown fox", logprobs=0, echo=True, max_tokens=0),
+    )
+    lps = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    ids = (await post(gw_client, gw_world, "/tokenize", {"prompt": "The quick brown fox"})).json()[
+        "tokens"
+    ]
+    out: list[Any] = []
+
+    def reference() -> None:  # torch on a thread that ends (DESIGN.md, "Threads")
+        logits = gw_engine.forward(torch.tensor([ids]), allowed=["public"]).logits[0]
+        out.append(torch.log_softmax(logits.float(), dim=-1))
+
+    thread = threading.Thread(target=reference)
+    thread.start()
+    thread.join()
+    (lsm,) = out
+    assert lps[0] is None
+    for j in range(1, len(ids)):
+        assert abs(lps[j] - float(lsm[j - 1, ids[j]])) < 1e-5

@@ -19,7 +19,7 @@ from schemathesis.checks import positive_data_acceptance
 
 from contracts.settings import Settings
 
-EXAMPLES = 12
+EXAMPLES = 8
 
 
 @pytest.fixture(scope="module")
