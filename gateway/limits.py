@@ -33,42 +33,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Float, String, delete, event, func, select, text, update
+from sqlalchemy import delete, event, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Mapped, mapped_column
 
-from audit.db import Base, is_sqlite, make_engine, make_sessionmaker
+from audit.db import is_sqlite, make_engine, make_sessionmaker
 from contracts.settings import Settings
 from gateway.errors import RATE_LIMIT, ApiError
+from gateway.rate_state import RateBucket, RateLease
 from governance.identity import Identity
 from governance.key_limits import KeyLimit
 
 WINDOW_S = 60.0  # rpm and tpm are per minute
-
-
-class RateBucket(Base):
-    """A key's two token buckets as of `at` (epoch seconds); levels may go below zero (debt)."""
-
-    __tablename__ = "rate_buckets"
-
-    key: Mapped[str] = mapped_column(String(160), primary_key=True)
-    requests: Mapped[float] = mapped_column(Float)
-    tokens: Mapped[float] = mapped_column(Float)
-    at: Mapped[float] = mapped_column(Float)
-
-
-class RateLease(Base):
-    """One running request of a key, held by the process `owner` (host:pid) until `expires`."""
-
-    __tablename__ = "rate_leases"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    key: Mapped[str] = mapped_column(String(160), index=True)
-    owner: Mapped[str] = mapped_column(String(300))
-    started: Mapped[float] = mapped_column(Float)
-    expires: Mapped[float] = mapped_column(Float)
 
 
 @dataclass(frozen=True, slots=True)

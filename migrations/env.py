@@ -13,10 +13,13 @@ from audit.db import Base, make_engine
 from contracts.settings import Settings
 
 try:  # governance tables live in the same history once that package exists
-    import governance.models  # noqa: F401
+    import governance.models
 except ModuleNotFoundError as exc:  # pragma: no cover - only before governance is built
     if exc.name not in {"governance.models", "governance"}:
         raise
+
+import gateway.rate_state  # noqa: F401  (the rate limiter's tables, migration 0103)
+import governance.key_limits  # noqa: F401  (per-key limits, migration 0103)
 
 config = context.config
 target_metadata = Base.metadata

@@ -20,6 +20,7 @@ from gateway.schemas.governance import (
     LimitsOut,
     PrincipalIn,
     PrincipalOut,
+    error_responses,
 )
 from governance.identity import Identity
 from governance.key_limits import Limits, check_limits, get_limits, set_limits
@@ -43,11 +44,14 @@ def limits_out(key_id: str, limits: Limits, settings: Settings) -> LimitsOut:
     )
 
 
+ERRORS = error_responses(400, 401, 403, 404, 409, 503)
+
+
 class AdminController(Controller):
     path = "/v1/admin"
     tags = ("admin",)
 
-    @post("/principals", summary="Create a principal", status_code=201)
+    @post("/principals", summary="Create a principal", status_code=201, responses=ERRORS)
     async def create_principal(
         self, db_session: AsyncSession, identity: Identity, data: PrincipalIn
     ) -> PrincipalOut:
@@ -68,7 +72,12 @@ class AdminController(Controller):
             created_by=row.created_by,
         )
 
-    @post("/principals/{id:str}/keys", summary="Create an API key (returned once)", status_code=201)
+    @post(
+        "/principals/{id:str}/keys",
+        summary="Create an API key (returned once)",
+        status_code=201,
+        responses=ERRORS,
+    )
     async def create_key(
         self,
         db_session: AsyncSession,
@@ -98,7 +107,7 @@ class AdminController(Controller):
             limits=limits_out(row.id, limits, settings),
         )
 
-    @delete("/keys/{key_id:str}", summary="Revoke an API key", status_code=200)
+    @delete("/keys/{key_id:str}", summary="Revoke an API key", status_code=200, responses=ERRORS)
     async def revoke_key(
         self, db_session: AsyncSession, identity: Identity, key_id: str
     ) -> KeyRevokedOut:
@@ -110,13 +119,17 @@ class AdminController(Controller):
             revoked_by=row.revoked_by,
         )
 
-    @get("/keys/{key_id:str}/limits", summary="A key's limits and what applies")
+    @get("/keys/{key_id:str}/limits", summary="A key's limits and what applies", responses=ERRORS)
     async def get_key_limits(
         self, db_session: AsyncSession, settings: Settings, key_id: str
     ) -> LimitsOut:
         return limits_out(key_id, await get_limits(db_session, key_id), settings)
 
-    @put("/keys/{key_id:str}/limits", summary="Set a key's limits (null: server default)")
+    @put(
+        "/keys/{key_id:str}/limits",
+        summary="Set a key's limits (null: server default)",
+        responses=ERRORS,
+    )
     async def set_key_limits(
         self,
         db_session: AsyncSession,

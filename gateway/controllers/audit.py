@@ -36,6 +36,7 @@ from gateway.schemas.audit import (
     UsageRowOut,
     VerifyOut,
 )
+from gateway.schemas.governance import error_responses
 from governance.errors import NotFound
 from governance.experts import list_experts
 from governance.identity import Identity
@@ -77,11 +78,14 @@ def _public_key(settings: Settings, key_id: str) -> str | None:
     return None if key is None else public_key_pem(key)
 
 
+ERRORS = error_responses(400, 401, 403, 404, 503)
+
+
 class AuditController(Controller):
     path = "/v1/audit"
     tags = ("audit",)
 
-    @get("/records", summary="A page of ledger records matching the filters")
+    @get("/records", summary="A page of ledger records matching the filters", responses=ERRORS)
     async def records(
         self,
         request: Request[Any, Any, Any],
@@ -113,17 +117,25 @@ class AuditController(Controller):
             raise NotFound(f"no record {seq}")
         return entry
 
-    @get("/records/{seq:int}", summary="One ledger record")
+    @get("/records/{seq:int}", summary="One ledger record", responses=ERRORS)
     async def record(self, db_session: AsyncSession, identity: Identity, seq: int) -> RecordOut:
         return record_out(await self._visible(db_session, identity, seq))
 
-    @get("/records/{seq:int}/proof", summary="Inclusion proof against the latest checkpoint")
+    @get(
+        "/records/{seq:int}/proof",
+        summary="Inclusion proof against the latest checkpoint",
+        responses=ERRORS,
+    )
     async def proof(self, db_session: AsyncSession, identity: Identity, seq: int) -> ProofOut:
         await self._visible(db_session, identity, seq)
         proof = (await cps.inclusion_proof(db_session, seq)).as_dict()
         return ProofOut(**{**proof, "checkpoint": CheckpointOut(**proof["checkpoint"])})
 
-    @get("/checkpoints/latest", summary="The latest signed checkpoint and its public key")
+    @get(
+        "/checkpoints/latest",
+        summary="The latest signed checkpoint and its public key",
+        responses=ERRORS,
+    )
     async def latest_checkpoint(
         self, db_session: AsyncSession, settings: Settings
     ) -> LatestCheckpointOut:
@@ -134,14 +146,14 @@ class AuditController(Controller):
             checkpoint=checkpoint_out(cp), public_key=_public_key(settings, cp.key_id)
         )
 
-    @get("/verify", summary="Verify the whole chain and every checkpoint")
+    @get("/verify", summary="Verify the whole chain and every checkpoint", responses=ERRORS)
     async def verify_chain(self, db_session: AsyncSession, settings: Settings) -> VerifyOut:
         report = await verify(db_session, public_keys=trusted_public_keys(settings.home))
         body = report.as_dict()
         body["derived"] = [DerivedOut(**d) for d in body.get("derived", [])]
         return VerifyOut(**body)
 
-    @get("/usage", summary="Expert usage by expert, principal or day")
+    @get("/usage", summary="Expert usage by expert, principal or day", responses=ERRORS)
     async def usage(
         self,
         request: Request[Any, Any, Any],
@@ -178,6 +190,7 @@ class AuditController(Controller):
         "/export",
         summary="Streamed export (JSONL or CSV) with seq and hash per line",
         response_description="header line, one line per record, trailer line",
+        responses=ERRORS,
     )
     async def export(
         self,

@@ -21,6 +21,7 @@ from gateway.schemas.governance import (
     GrantIn,
     LicenseOut,
     LicensesOut,
+    error_responses,
 )
 from governance import experts as expert_service
 from governance import licenses as license_service
@@ -64,11 +65,18 @@ def status_out(row: Expert) -> ExpertStatusOut:
     )
 
 
+ERRORS = error_responses(400, 401, 403, 404, 409, 503)
+
+
 class ExpertsController(Controller):
     path = "/v1/experts"
     tags = ("experts",)
 
-    @get("/", summary="Experts of the served model, and whether the caller may use each")
+    @get(
+        "/",
+        summary="Experts of the served model, and whether the caller may use each",
+        responses=ERRORS,
+    )
     async def list_experts(
         self,
         snapshot: PolicySnapshot,
@@ -93,7 +101,11 @@ class ExpertsController(Controller):
             ],
         )
 
-    @get("/{id:str}/licenses", summary="Licenses and deny rules of an expert (owner, admin)")
+    @get(
+        "/{id:str}/licenses",
+        summary="Licenses and deny rules of an expert (owner, admin)",
+        responses=ERRORS,
+    )
     async def list_licenses(
         self, db_session: AsyncSession, identity: Identity, id: str
     ) -> LicensesOut:
@@ -107,7 +119,12 @@ class ExpertsController(Controller):
             denials=[denial_out(x) for x in denials],
         )
 
-    @post("/{id:str}/licenses", summary="Grant an expert (owner of it)", status_code=201)
+    @post(
+        "/{id:str}/licenses",
+        summary="Grant an expert (owner of it)",
+        status_code=201,
+        responses=ERRORS,
+    )
     async def grant(
         self, db_session: AsyncSession, identity: Identity, id: str, data: GrantIn
     ) -> LicenseOut:
@@ -127,6 +144,7 @@ class ExpertsController(Controller):
         "/{id:str}/licenses/{license_id:str}",
         summary="Revoke a license (owner of the expert)",
         status_code=200,
+        responses=ERRORS,
     )
     async def revoke(
         self, db_session: AsyncSession, identity: Identity, id: str, license_id: str
@@ -136,7 +154,12 @@ class ExpertsController(Controller):
         )
         return license_out(lic)
 
-    @post("/{id:str}/denials", summary="Deny an expert to a grantee (owner)", status_code=201)
+    @post(
+        "/{id:str}/denials",
+        summary="Deny an expert to a grantee (owner)",
+        status_code=201,
+        responses=ERRORS,
+    )
     async def deny(
         self, db_session: AsyncSession, identity: Identity, id: str, data: DenyIn
     ) -> DenialOut:
@@ -145,7 +168,12 @@ class ExpertsController(Controller):
         )
         return denial_out(row)
 
-    @post("/{id:str}/withdraw", summary="Withdraw an expert for everyone", status_code=200)
+    @post(
+        "/{id:str}/withdraw",
+        summary="Withdraw an expert for everyone",
+        status_code=200,
+        responses=ERRORS,
+    )
     async def withdraw(
         self, db_session: AsyncSession, identity: Identity, id: str
     ) -> ExpertStatusOut:
@@ -153,7 +181,12 @@ class ExpertsController(Controller):
             await expert_service.withdraw_expert(db_session, actor=identity, expert_id=id)
         )
 
-    @post("/{id:str}/reinstate", summary="Reinstate a withdrawn expert", status_code=200)
+    @post(
+        "/{id:str}/reinstate",
+        summary="Reinstate a withdrawn expert",
+        status_code=200,
+        responses=ERRORS,
+    )
     async def reinstate(
         self, db_session: AsyncSession, identity: Identity, id: str
     ) -> ExpertStatusOut:

@@ -10,14 +10,22 @@ from __future__ import annotations
 from litestar import Controller, Request, get
 from litestar.response import Response
 
+from gateway.schemas.governance import error_responses
 from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
+
+ERRORS = error_responses(401, 403)
 
 
 class MetricsController(Controller):
     path = "/metrics"
     tags = ("metrics",)
 
-    @get("/", summary="Prometheus text: GenAI and per-expert metrics", media_type="text/plain")
+    @get(
+        "/",
+        summary="Prometheus text: GenAI and per-expert metrics",
+        media_type="text/plain",
+        responses=ERRORS,
+    )
     async def metrics(self, request: Request) -> Response[bytes]:  # type: ignore[type-arg]
         telemetry: Telemetry = request.app.state.telemetry
         return Response(telemetry.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)

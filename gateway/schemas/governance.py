@@ -7,9 +7,19 @@ without an end. Times must carry a time zone (`2026-12-01T00:00:00Z`).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
+
+
+def error_responses(*codes: int) -> dict[int, Any]:
+    """OpenAPI entries for the error statuses a route answers (the OpenAI error shape)."""
+    from litestar.openapi import ResponseSpec
+
+    from gateway.schemas.openai import ErrorResponse
+
+    return {c: ResponseSpec(ErrorResponse, description="error (OpenAI shape)") for c in codes}
+
 
 AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
