@@ -54,14 +54,15 @@ from audit.errors import InvalidQuery
 from audit.ledger import INFERENCE, Entry, inference_usage
 from audit.models import PAYLOAD_TEXT, RECORD_COLUMNS, LedgerRecord
 from audit.summary import usage_cells
+from contracts.experts import ID_PATTERN
 
 MAX_LIMIT = 1000
 MAX_SEQ = 2**63 - 1  # seqs are bigints: a larger cursor is bad input, not a database error
 INFERENCE_KINDS = (INFERENCE, "inference.started", "inference.aborted")
 EXPERT_MODES = ("used", "allowed", "excluded", "any")
 STATUSES = ("ok", "error", "cancelled")
-# The same character sets as governance.names (audit imports nothing of governance).
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+# Expert ids: the one grammar (contracts.experts), shared with the engine and governance.
+_ID_RE = re.compile(ID_PATTERN)
 # Principals also include system actors such as `operator:cli`.
 _PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,254}")
 _PURPOSE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")

@@ -165,10 +165,10 @@ def train_expert(
     stop_after: int | None = None,
 ) -> ExpertRun:
     """Train the expert and write its artifact to ``out`` (resuming from ``OUT.partial``)."""
-    from engine.experts import _ID_RE  # the one id rule, shared with experts.json
+    from contracts.experts import ID_RULE, is_valid_id  # the one id rule (experts.json)
 
-    if not _ID_RE.match(expert_id) or expert_id == "public":
-        raise KitError(f"invalid expert id {expert_id!r}: letters, digits, '._:-', not 'public'")
+    if not is_valid_id(expert_id) or expert_id == "public":
+        raise KitError(f"invalid expert id {expert_id!r}: {ID_RULE}, not 'public'")
     if not owner.strip():
         raise KitError("--owner must not be empty")
     if not 1 <= steps <= MAX_STEPS:
