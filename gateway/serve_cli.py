@@ -38,9 +38,14 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     """Serve the OpenAI-compatible API (settings from FLEXGATE_* variables)."""
     import uvicorn
 
-    from contracts.settings import settings
+    from contracts.exit_codes import ExitCode
+    from contracts.settings import SettingsError, settings
 
-    settings()  # a bad variable fails here, before any worker starts
+    try:
+        settings()  # a bad variable fails here, before any worker starts
+    except SettingsError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(int(ExitCode.USAGE)) from None
     # SIGTERM: uvicorn stops accepting, lets running requests finish (up to the graceful
     # timeout), runs the lifespan's shutdown (records appended, ledger drained) and then
     # re-raises the signal into the handler that was there before it; this one makes that

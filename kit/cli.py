@@ -1,8 +1,9 @@
 """The kit's commands: ``model pretrain|merge|router-tune|eval``, ``expert embed|train``,
 ``demo build``. ``gateway.cli`` wires each in lazily by name; heavy imports happen inside.
 
-Every bad input is one line on stderr and exit code 1 (click's usage errors: 2); nothing is
-left half-written (outputs are written to a temporary folder and renamed at the end).
+Every bad input is one line on stderr and exit code 2 (an output that exists without --force:
+4; contracts.exit_codes, docs/cli.md); nothing is left half-written (outputs are written to
+a temporary folder and renamed at the end).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+
+from contracts.exit_codes import ExitCode
 
 __all__ = [
     "demo_build",
@@ -44,7 +47,7 @@ _DEVICE = click.option(
 
 
 def _kit_errors(fn: F) -> F:
-    """KitError (and the engine's errors) -> a one-line click error, exit 1."""
+    """KitError (and the engine's errors) -> one line on stderr and the error's exit code."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -54,7 +57,9 @@ def _kit_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (KitError, EngineError) as exc:
-            raise click.ClickException(str(exc)) from None
+            click.echo(f"Error: {exc}", err=True)
+            code = exc.exit_code if isinstance(exc, KitError) else ExitCode.USAGE
+            raise SystemExit(int(code)) from None
 
     return wrapper  # type: ignore[return-value]
 

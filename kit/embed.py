@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from engine.modeling import GovernedFlexOlmoForCausalLM
 from kit.data import tokenize_blocks
 from kit.documents import Documents
-from kit.errors import KitError
+from kit.errors import KitError, KitRefused
 from kit.modelio import load_model
 
 __all__ = ["METHODS", "hidden_embedding", "minilm_embedding", "read_embedding", "run_embed"]
@@ -138,7 +138,7 @@ def beside_public(emb: torch.Tensor, public_rows: torch.Tensor) -> torch.Tensor:
 def run_embed(public: Path, docs: Documents, out: Path, method: str, force: bool) -> Path:
     """Compute and write the embedding file (refusing an existing one without ``force``)."""
     if out.exists() and not force:
-        raise KitError(f"{out}: exists; pass --force to replace it")
+        raise KitRefused(f"{out}: exists; pass --force to replace it")
     emb = compute_embedding(public, docs, method)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -24,7 +24,7 @@ from engine import loading
 from engine.errors import EngineError
 from engine.experts import ExpertInfo, read_experts, write_experts
 from engine.modeling import ROUTER_BIAS_ATTR, GovernedFlexOlmoForCausalLM
-from kit.errors import KitError
+from kit.errors import KitError, KitRefused
 
 __all__ = [
     "atomic_dir",
@@ -123,7 +123,7 @@ def save_model(
 def prepare_out(out: Path, force: bool, what: str = "output folder") -> None:
     """Refuse an existing ``out`` unless ``force`` (then it is replaced at the end)."""
     if out.exists() and not force:
-        raise KitError(f"{out}: {what} exists; pass --force to replace it")
+        raise KitRefused(f"{out}: {what} exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise KitError(f"{out}: exists and is not a folder")
     if not out.parent.exists():

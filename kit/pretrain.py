@@ -24,7 +24,7 @@ from kit import embed
 from kit.data import tokenize_blocks
 from kit.distributed import World, init_world
 from kit.documents import Documents
-from kit.errors import KitError
+from kit.errors import KitError, KitRefused
 from kit.modelio import atomic_dir, build_model, prepare_out, save_model
 from kit.trainer import Schedule, train
 
@@ -160,6 +160,6 @@ def _check_partial(work: Path, settings: dict[str, object], force: bool) -> None
     if work.exists() and force:
         shutil.rmtree(work, ignore_errors=True)  # every rank does this; one of them wins
     if marker.is_file() and json.loads(marker.read_text()) != settings:
-        raise KitError(f"{work}: an interrupted run with other settings; pass --force to restart")
+        raise KitRefused(f"{work}: an interrupted run with other settings; pass --force to restart")
     work.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(settings, indent=2) + "\n")

@@ -41,10 +41,10 @@ def test_eval_json_and_table(
     r3 = _cli(*base, "--only", "public")
     assert r3.returncode == 0 and "allowed: public" in r3.stdout and "code" in r3.stdout
     r4 = _cli(*base, "--exclude", "nope")
-    assert r4.returncode == 1 and "unknown expert id" in r4.stderr
+    assert r4.returncode == 2 and "unknown expert id" in r4.stderr
     assert "Traceback" not in r4.stderr
     r5 = _cli("model", "eval", "--model", str(model), "--data", "no-equals-sign")
-    assert r5.returncode == 1 and "expected NAME=PATH" in r5.stderr
+    assert r5.returncode == 2 and "expected NAME=PATH" in r5.stderr
 
 
 def test_router_tune_trains_only_the_router(
@@ -85,4 +85,4 @@ def test_router_tune_trains_only_the_router(
         "--out",
         str(tmp_path / "t2"),
     )
-    assert r.returncode == 1 and "unknown expert id" in r.stderr
+    assert r.returncode == 2 and "unknown expert id" in r.stderr

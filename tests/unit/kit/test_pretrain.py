@@ -96,10 +96,22 @@ def test_cli_range_checks_and_bad_paths(tmp_path: Path, public_data: Path) -> No
     r = _cli("model", "pretrain", "--data", str(public_data), "--out", out, "--size", "huge")
     assert r.returncode == 2 and "'--size'" in r.stderr
     r = _cli("model", "pretrain", "--data", str(tmp_path / "none"), "--out", out)
-    assert r.returncode == 1 and "no such file or folder" in r.stderr
+    assert r.returncode == 2 and "no such file or folder" in r.stderr
     assert "Traceback" not in r.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
     r = _cli("model", "pretrain", "--data", str(empty), "--out", out)
-    assert r.returncode == 1 and "no text to train on" in r.stderr
+    assert r.returncode == 2 and "no text to train on" in r.stderr
     assert not Path(out).exists()
+
+
+def test_cli_existing_output_is_refused_with_4(tmp_path: Path, public_data: Path) -> None:
+    """An output that exists is the state refusing the command (4), not bad input, and not
+    the audit's 1; the folder is left as it was."""
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = _cli("model", "pretrain", "--data", str(public_data), "--out", str(out), "--steps", "2")
+    assert r.returncode == 4 and "exists; pass --force" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
