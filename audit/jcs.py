@@ -144,8 +144,12 @@ _dumps = json.JSONEncoder(
 
 
 def _float(value: float) -> float | int:
-    if value.is_integer() and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
-        return int(value)
+    if value.is_integer():
+        # json.dumps writes an integral float as `2.0`; ECMAScript as `2`. Within the safe
+        # range the int has the same digits; beyond it (2**53 and up) only number() is right.
+        if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            return int(value)
+        raise _Slow
     if 1e-4 <= abs(value) < 1e16:
         return value
     raise _Slow

@@ -122,3 +122,15 @@ async def db_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
         yield engine
     finally:
         await engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _settings_per_test() -> Iterator[None]:
+    """Tests point the process at other folders and databases, and `contracts.settings` reads
+    the environment once per process: no test may see another's settings (a test that changes
+    the environment mid-way clears the cache itself)."""
+    from contracts.settings import settings
+
+    settings.cache_clear()
+    yield
+    settings.cache_clear()

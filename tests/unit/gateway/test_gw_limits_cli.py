@@ -46,7 +46,7 @@ def test_keys_create_with_limits_and_keys_limits(run: Any) -> None:
     # bad input: a clear error, nothing changed
     bad = run("keys", "limits", key_id, "--rpm", "0", code=2)
     assert "--rpm" in bad.output and "Traceback" not in bad.output
-    missing = run("keys", "limits", "0" * 16, "--rpm", "5", code=1)
+    missing = run("keys", "limits", "0" * 16, "--rpm", "5", code=4)  # not found: refused
     assert "unknown key" in missing.output
     assert json.loads(run("keys", "limits", key_id, "--json").stdout)["rpm"] == 7
     refused = run("keys", "create", "app-1", "--tpm", "-3", code=2)

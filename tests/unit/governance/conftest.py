@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -10,7 +10,6 @@ from gov_helpers import OPERATOR, PRINCIPALS, World, write_model
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from audit.db import make_sessionmaker
-from contracts.settings import settings
 from governance.experts import sync_experts
 from governance.principals import add_principal
 from governance.store import PolicyStore
@@ -36,12 +35,3 @@ async def world(
             await add_principal(s, actor=OPERATOR, principal_id=pid, roles=roles, groups=groups)
         await sync_experts(s, actor=OPERATOR, model_dir=model_dir)
     yield World(sm=sm, model_dir=model_dir, store=PolicyStore(), url=db_url)
-
-
-@pytest.fixture(autouse=True)
-def _settings_per_test() -> Iterator[None]:
-    """Tests point the process at other folders and databases: no test sees another's
-    settings (a test that changes the environment mid-way clears the cache itself)."""
-    settings.cache_clear()
-    yield
-    settings.cache_clear()
