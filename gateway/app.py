@@ -7,11 +7,13 @@ dependency providers, the lifespan and the OpenAPI schema at /schema.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.handlers import HTTPRouteHandler
+from litestar.logging import LoggingConfig
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
@@ -56,6 +58,24 @@ def openapi_config() -> OpenAPIConfig:
     )
 
 
+QUIET_LOGGERS = ("alembic", "casbin")
+"""Libraries whose INFO lines at start-up (Alembic's plugins and migration context, Casbin's
+model dump) say nothing to an operator; their warnings still show."""
+
+
+def logging_config() -> LoggingConfig:
+    """Litestar configures the root logger, INFO by default. Under `flexgate serve` it follows
+    `--log-level` instead: uvicorn has set its own loggers' level in this worker before it
+    calls the factory, so `--log-level warning` silences FlexGate's INFO lines too (and
+    `debug` lets the quiet libraries speak)."""
+    level = logging.getLogger("uvicorn.error").getEffectiveLevel()
+    quiet = logging.getLevelName(level if level <= logging.DEBUG else max(logging.WARNING, level))
+    return LoggingConfig(
+        root={"level": logging.getLevelName(level), "handlers": ["queue_listener"]},
+        loggers={name: {"level": quiet} for name in QUIET_LOGGERS},
+    )
+
+
 def create_app(settings: Settings | None = None, *, engine: Any = None) -> Litestar:
     """A FlexGate worker. `engine`: an already-loaded engine.Engine (tests), else the
     lifespan loads `settings.model_dir` off the event loop."""
@@ -72,6 +92,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> Lites
         state=state,
         openapi_config=openapi_config(),
         request_max_body_size=settings.max_body_bytes,
+        logging_config=logging_config(),
         debug=False,
     )
     document_errors(app)
