@@ -241,7 +241,8 @@ class LedgerWriter:
         therefore writes nothing and can never fork the chain. Batches land in order; on the
         first that did not commit, the pipeline drains and its records and those of every
         batch after it are re-chained one batch at a time (`_commit`: compare-and-set on the
-        current head, then the head lock).
+        current head, then the head lock). A batch that overtook the one it was chained onto
+        is only resent (`_land`).
         """
         flights: deque[_Flight] = deque()
         try:
@@ -316,12 +317,17 @@ class LedgerWriter:
         except Exception as exc:  # nothing sent; the head expected is unchanged
             self._fail(items, _pg_error(exc))
             return None
-        task = asyncio.ensure_future(
-            raw.fetch(PG_APPEND_SQL, base.seq, base.hash, *pg_write_args(batch))
+        flight = _Flight(items, batch, self._issue(raw, base.seq, base.hash, batch), slot)
+        self._head = _advanced(state, batch)
+        return flight
+
+    def _issue(self, raw: Any, seq: int, digest: str, batch: Batch) -> asyncio.Future[list[Any]]:
+        """Send `batch`, chained onto the head (`seq`, `digest`), on connection `raw`."""
+        task: asyncio.Future[list[Any]] = asyncio.ensure_future(
+            raw.fetch(PG_APPEND_SQL, seq, digest, *pg_write_args(batch))
         )
         task.add_done_callback(self._wake_up)
-        self._head = _advanced(state, batch)
-        return _Flight(items, batch, task, slot)
+        return task
 
     def _wake_up(self, _task: object) -> None:
         self._wake.set()
@@ -331,6 +337,21 @@ class LedgerWriter:
         if _committed(flight):
             return self._resolve(flight.items, flight.batch.entries)
         exc = flight.task.exception()
+        if exc is None and _overtook(flight):
+            # It reached the server before the batch it was chained onto (they travel on two
+            # connections, and the server may take the later one's head lock first), so it
+            # found the head before that batch and wrote nothing. That batch has committed
+            # since (batches land in order; had it failed, this one would have been drained
+            # with it): the same batch, sent again unchanged, now extends the head it expects.
+            try:
+                raw = await self._raw(flight.slot)
+            except Exception as err:  # its connection is gone: fail it as any error
+                exc = err
+            else:
+                first = flight.batch.entries[0]
+                flight.task = self._issue(raw, first.seq - 1, first.prev_hash, flight.batch)
+                later.appendleft(flight)
+                return None
         retry: list[list[_Item]] = []
         if exc is not None:
             self._fail(flight.items, _pg_error(exc))
@@ -584,6 +605,13 @@ class _Flight:
 
 def _committed(flight: _Flight) -> bool:
     return flight.task.exception() is None and not flight.task.result()
+
+
+def _overtook(flight: _Flight) -> bool:
+    """Whether a batch that did not commit found the head *before* the one it was chained onto:
+    only a batch of this writer still in flight can be there (the head never goes back)."""
+    rows = flight.task.result()
+    return bool(rows) and int(rows[0][0]) < flight.batch.entries[0].seq - 1
 
 
 def _pg_error(exc: BaseException) -> Exception:

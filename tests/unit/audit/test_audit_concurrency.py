@@ -221,3 +221,53 @@ async def test_cancelled_writer_fails_the_batches_in_flight(db_engine: AsyncEngi
                     await task
     finally:
         await writer.close()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_pipeline_batch_that_overtook_its_predecessor_is_resent(
+    db_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second batch in flight reaches the server before the first (two connections): it
+    finds the head before the first batch and writes nothing. Once the first has committed,
+    the same batch is sent again unchanged and commits; nothing is drained or re-chained."""
+    from audit.ledger import PG_APPEND_SQL, pg_write_args
+
+    async with LedgerWriter(db_engine) as writer:
+        real_issue = writer._issue
+        sent: list[int] = []  # the first seq of each batch, in the order they were sent
+        first_sent = asyncio.Event()
+
+        def issue(raw: Any, seq: int, digest: str, batch: Any) -> Any:
+            sent.append(batch.entries[0].seq)
+            first_sent.set()
+            if len(sent) > 1:
+                return real_issue(raw, seq, digest, batch)
+
+            async def late() -> Any:  # the first batch is slow on its way to the server
+                await asyncio.sleep(0.5)
+                return await raw.fetch(PG_APPEND_SQL, seq, digest, *pg_write_args(batch))
+
+            task = asyncio.ensure_future(late())
+            task.add_done_callback(writer._wake_up)
+            return task
+
+        rechained: list[int] = []
+        real_commit = writer._commit
+
+        async def commit(batch: Any) -> Any:
+            rechained.append(len(batch))
+            return await real_commit(batch)
+
+        monkeypatch.setattr(writer, "_issue", issue)
+        monkeypatch.setattr(writer, "_commit", commit)
+        first = asyncio.create_task(writer.append(kind="test", principal="a", payload={"n": 0}))
+        await first_sent.wait()
+        rest = [
+            asyncio.create_task(writer.append(kind="test", principal="b", payload={"n": i}))
+            for i in range(1, 11)
+        ]
+        entries = [await first] + [await t for t in rest]
+    assert [e.seq for e in entries] == list(range(1, 12))
+    assert sent == [1, 2, 2], sent  # the second batch went twice, unchanged
+    assert rechained == []
+    await _check_chain(db_engine, 11)
