@@ -1,7 +1,8 @@
 """Engine generation benchmark (a script, not a test): tokens/s reported as ratios.
 
     PYTHONPATH=. python bench/engine.py [--sizes medium,tiny] [--rounds 5] \\
-        [--device cpu|cuda:0] [--write docs/benchmarks.md]
+        [--device cpu|cuda:0] [--dtype float32|bfloat16] [--expert-path auto|grouped|stacked] \\
+        [--step-batch 32] [--write docs/benchmarks.md]
 
 For each model size it builds a random FlexOlmo checkpoint (8 experts, top-2) and measures, in
 one run, interleaving the configurations round by round and taking medians:
@@ -12,7 +13,9 @@ one run, interleaving the configurations round by round and taking medians:
 (d) 8 concurrent requests with 8 different allowed sets vs the same 8 one after another;
 (e) usage accounting on vs off (batch 1, and the 8 concurrent requests);
 
-and the machine's matrix-multiply throughput, to say what fraction of it (b) reaches. Every run
+and the machine's matrix-multiply throughput, to say what fraction of it (b) reaches; with
+``--step-batch N``, a batch-N decoding step's share of the device's own matmul and memory
+throughput (bench/gpu_roofline.py; the GPU command uses the "1b" size in bfloat16). Every run
 generates exactly ``--tokens`` tokens after a ``--prompt``-token prompt (EOS ignored), so tokens/s
 is ``tokens / wall time`` of the whole request (prefill included).
 """
@@ -36,12 +39,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import gpu_roofline
 from engine.api import Engine, load_engine
 from engine.checkpoints import build_tiny_checkpoint
 from engine.generation import Finished
 from engine.routing import RoutingControl
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
+from engine.stacked_experts import EXPERT_PATHS
 
 EXPERTS = tuple(["public"] + [f"owner-{i}" for i in range(1, 8)])
 
@@ -57,6 +62,18 @@ SIZES: dict[str, dict[str, Any]] = {
         "num_experts": 8,
         "num_experts_per_tok": 2,
         "max_position_embeddings": 2048,
+    },
+    # ~1.07 B parameters (bfloat16: 2.1 GB): for a GPU, where the device must matter.
+    "1b": {
+        "vocab_size": 32000,
+        "hidden_size": 2048,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 4096,
     },
     # ~0.3 M parameters: per-step overhead dominates.
     "tiny": {
@@ -247,16 +264,25 @@ def run_concurrent(sched: Scheduler, prompts: list[list[int]], params: SamplingP
 
 
 def bench_size(
-    name: str, rounds: int, tokens: int, prompt_len: int, workdir: Path, device: torch.device
+    name: str,
+    rounds: int,
+    tokens: int,
+    prompt_len: int,
+    workdir: Path,
+    device: torch.device,
+    *,
+    dtype: torch.dtype = torch.float32,
+    expert_path: str = "auto",
 ) -> dict[str, Any]:
     from transformers import FlexOlmoForCausalLM
 
     overrides = SIZES[name]
 
     def setup() -> tuple[Engine, Any]:
-        path = build_tiny_checkpoint(workdir / name, EXPERTS, seed=0, **overrides)
-        eng = load_engine(path, device_map="cpu" if device.type == "cpu" else str(device))
-        ref = FlexOlmoForCausalLM.from_pretrained(path, dtype=torch.float32)
+        path = build_tiny_checkpoint(workdir / name, EXPERTS, seed=0, dtype=dtype, **overrides)
+        device_map = "cpu" if device.type == "cpu" else str(device)
+        eng = load_engine(path, device_map=device_map, dtype=dtype, expert_path=expert_path)
+        ref = FlexOlmoForCausalLM.from_pretrained(path, dtype=dtype)
         return eng, ref.to(device).eval()
 
     eng, ref = isolated(setup)
@@ -357,7 +383,8 @@ def bench_size(
         "median_tps": med,
         "same_as_transformers": same,
         "flops_b": total_all,
-        "bytes_b": weight_bytes_per_token(cfg, 8),
+        "bytes_b": weight_bytes_per_token(cfg, 8) * dtype.itemsize / 4,
+        "expert_path": eng.expert_path,
         "ffn_share": ffn_all / total_all,
         "saved_half": 1 - total_half / total_all,
         "saved_one": 1 - total_one / total_all,
@@ -378,6 +405,7 @@ def report(
     command: str,
     rounds: int,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -391,14 +419,15 @@ def report(
         title = f"{torch.cuda.get_device_name(device)} GPU"
         machine = (
             f"{torch.cuda.get_device_name(device)} ({device}), host {cpu}, torch "
-            f"{torch.__version__}; float32 (TF32 off, torch's default)"
+            f"{torch.__version__}; {str(dtype).removeprefix('torch.')} (TF32 off, torch's "
+            "default)"
         )
         sizes = "8192x8192 fp32 on the GPU", "4 GiB"
     else:
         title = f"{torch.get_num_threads()} threads"
         machine = (
             f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), no GPU; float32"
+            f"({torch.get_num_threads()} threads), no GPU; {str(dtype).removeprefix('torch.')}"
         )
         sizes = "2048x2048 fp32", "256 MiB"
     lines = [
@@ -426,6 +455,7 @@ def report(
             "",
             f"hidden {cfg['hidden_size']}, FFN {cfg['intermediate_size']}, "
             f"{cfg['num_hidden_layers']} layers, 8 experts top-2, vocab {cfg['vocab_size']}; "
+            f"expert path {r['expert_path']}; "
             f"greedy; engine output identical to transformers': {r['same_as_transformers']}.",
             "",
             "| measure | tokens/s | ratio | target | |",
@@ -500,7 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write", type=Path, default=None, help="update this markdown file")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--device", default="cpu", help="'cpu' (default) or a GPU ('cuda:0')")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--expert-path", default="auto", choices=EXPERT_PATHS)
+    ap.add_argument(
+        "--step-batch",
+        type=int,
+        default=0,
+        help="also measure a decoding step of this many rows against the roofline (0: off)",
+    )
     args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -508,18 +547,48 @@ def main(argv: list[str] | None = None) -> int:
     command = "PYTHONPATH=. python bench/engine.py " + " ".join(argv or sys.argv[1:])
     gflops = isolated(lambda: matmul_gflops(device))
     results = []
+    shares: list[gpu_roofline.StepShare] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sizes.split(","):
             print(f"benchmarking {name} ...", file=sys.stderr)
             results.append(
-                bench_size(name, args.rounds, args.tokens, args.prompt, Path(tmp), device)
+                bench_size(
+                    name,
+                    args.rounds,
+                    args.tokens,
+                    args.prompt,
+                    Path(tmp),
+                    device,
+                    dtype=dtype,
+                    expert_path=args.expert_path,
+                )
             )
+            if args.step_batch:
+                print(f"batch-{args.step_batch} step of {name} ...", file=sys.stderr)
+                shares.append(
+                    isolated(
+                        lambda name=name: gpu_roofline.measure(
+                            Path(tmp) / name,
+                            name,
+                            device,
+                            dtype,
+                            args.expert_path,
+                            args.step_batch,
+                            args.rounds,
+                        )
+                    )
+                )
     gflops = max(gflops, isolated(lambda: matmul_gflops(device)))
     gbs = isolated(lambda: copy_gbs(device))
-    text = report(results, gflops, gbs, command.strip(), args.rounds, device)
+    text = report(results, gflops, gbs, command.strip(), args.rounds, device, dtype)
+    if shares:
+        tflops = isolated(lambda: gpu_roofline.matmul_tflops(device, dtype))
+        text += "\n" + gpu_roofline.section(shares, tflops, gbs, dtype)
     print(text)
     if args.write is not None:
         label = f"threads={torch.get_num_threads()}" if device.type == "cpu" else "gpu"
+        if dtype != torch.float32:
+            label += f" {args.dtype}"
         write_section(args.write, text, label)
     return 0
 

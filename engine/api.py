@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import FlexOlmoConfig, PreTrainedTokenizerBase
 
-from engine import loading, placement
+from engine import loading, placement, stacked_experts
 from engine.errors import ExpertSetError
 from engine.experts import ExpertInfo, read_experts
 from engine.generation import GenerationResult
@@ -33,6 +33,7 @@ from engine.placement import DeviceMapSpec, ExpertRecord, Placement
 from engine.routing import RoutingControl
 from engine.sampling import SamplingParams
 from engine.scheduler import GenerationStream, Scheduler
+from engine.stacked_experts import ExpertPath
 
 __all__ = ["Allowed", "Engine", "ForwardResult", "Usage", "load_engine"]
 
@@ -62,6 +63,8 @@ class Engine:
         experts: ``experts.json`` entries in router-row order.
         lock: held around every model call and every unload/load; code that calls
             ``model`` directly from several threads should hold it too.
+        expert_path: how the MoE layers run their experts (``"grouped"`` or ``"stacked"``,
+            see :func:`load_engine`).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class Engine:
         tensors: Mapping[str, loading.TensorInfo],
         placement_: Placement,
         dtype: torch.dtype,
+        expert_path: ExpertPath = "grouped",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -80,6 +84,7 @@ class Engine:
         self.model_dir = model_dir
         self.dtype = dtype
         self.placement = placement_
+        self.expert_path: ExpertPath = expert_path
         self.lock = threading.RLock()
         self._tensors = tensors
         self._index = {e.id: i for i, e in enumerate(experts)}
@@ -439,6 +444,7 @@ def load_engine(
     dtype: torch.dtype | str | None = None,
     *,
     expert_priority: Sequence[str] | None = None,
+    expert_path: str = "auto",
 ) -> Engine:
     """Load a FlexOlmo checkpoint folder into an :class:`Engine`.
 
@@ -453,12 +459,19 @@ def load_engine(
         dtype: compute dtype (``torch.bfloat16``, ``"float32"``); default the config's.
         expert_priority: expert ids to keep on GPU first under ``"auto"`` (the rest follow
             in router-row order).
+        expert_path: ``"grouped"`` (each expert its own module; a decoding step's selections
+            are grouped on the host, one read per MoE layer), ``"stacked"`` (the resident
+            experts of a layer as one stacked tensor per device, run by grouped or batched
+            matrix products with no host read: engine.stacked_experts) or ``"auto"``
+            (default: stacked when the model runs on CUDA, grouped on a CPU).
 
     Raises:
         CheckpointError: missing/mis-shaped/unexpected tensor, bad config or experts.json,
             missing or unreadable tokenizer files (named).
-        PlacementError: a device map or budget that cannot be honoured.
+        PlacementError: a device map or budget that cannot be honoured, or an unknown
+            ``expert_path``.
     """
+    stacked_experts.check_expert_path(expert_path)  # before anything is read
     folder = Path(model_dir)
     config = loading.read_config(folder)
     experts = read_experts(folder, config.num_experts)
@@ -478,5 +491,9 @@ def load_engine(
         priority = first + [i for i in range(len(experts)) if i not in first]
     unit_map = placement.resolve_device_map(model, device_map, max_memory, compute_dtype, priority)
     placed = placement.place_model(model, tensors, unit_map, compute_dtype, offload_folder)
+    path = stacked_experts.resolve_expert_path(expert_path, placed.main_device)
+    if path == "stacked":
+        for layer in model.model.layers:
+            layer.mlp.stack_experts()
     tokenizer: PreTrainedTokenizerBase = loading.load_tokenizer(folder)
-    return Engine(model, tokenizer, experts, folder, tensors, placed, compute_dtype)
+    return Engine(model, tokenizer, experts, folder, tensors, placed, compute_dtype, path)

@@ -14,7 +14,10 @@ cache, causal mask). The MoE block differs in three ways:
 Tokens are grouped by expert (on the host for the few selections of a decoding step, by one
 stable sort and one bincount for a prefill) and only the experts that received tokens run, each
 on its own device; a single token (batch-1 decoding) runs its experts on the hidden state
-itself and sums their outputs with one small matrix product.
+itself and sums their outputs with one small matrix product. That grouping reads the selections
+on the host once per layer; after :meth:`GovernedSparseMoeBlock.stack_experts` (the engine's
+``expert_path="stacked"``) the resident experts run instead from per-device stacks with no host
+read (:mod:`engine.stacked_experts`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from transformers.models.flex_olmo import modeling_flex_olmo as fo
 from engine import kernels
 from engine.errors import ExpertSetError
 from engine.routing import RoutingControl
+from engine.stacked_experts import StackedExperts
 
 __all__ = [
     "ROUTER_BIAS_ATTR",
@@ -92,6 +96,8 @@ class GovernedSparseMoeBlock(nn.Module):
         self.unloaded: set[int] = set()
         """Experts whose weights are unloaded (engine.placement); routing to them fails."""
         self._direct: list[bool] | None = None
+        self.stacked: StackedExperts | None = None
+        """Per-device stacks of the resident experts, once :meth:`stack_experts` was called."""
 
     def forward(
         self, hidden_states: torch.Tensor, routing: RoutingControl | None = None
@@ -105,8 +111,8 @@ class GovernedSparseMoeBlock(nn.Module):
         union = plan.union if plan is not None else None
         row_mask = plan.row_mask if plan is not None else None
         k = plan.top_k if plan is not None else min(self.top_k, self.num_experts)
+        used = plan.union_ids if plan is not None else None  # None: every expert
         if self.unloaded:
-            used = plan.union_ids if plan is not None else None
             bad = sorted(self.unloaded if used is None else self.unloaded.intersection(used))
             if bad:
                 raise ExpertSetError(f"experts at router rows {bad} are unloaded", map(str, bad))
@@ -133,11 +139,25 @@ class GovernedSparseMoeBlock(nn.Module):
 
         if routing is not None:
             routing.accumulate(experts, top_p, valid, batch, seq_len, self.num_experts)
-        return self._dispatch(h, experts, top_w, valid).view(batch, seq_len, hidden_dim)
+        stacked = self.stacked
+        if stacked is not None and stacked.covers(used):
+            out = stacked.forward(h, experts, top_w, valid, used)
+        else:  # no stacks, or the batch may route to an offloaded expert
+            out = self._dispatch(h, experts, top_w, valid)
+        return out.view(batch, seq_len, hidden_dim)
+
+    def stack_experts(self) -> None:
+        """Run the resident experts from per-device stacks from now on (their parameters
+        become views into the stacks; engine.stacked_experts)."""
+        self.stacked = StackedExperts(self.num_experts)
+        self.stacked.restack(self.experts, self.unloaded)
 
     def reset_placement_cache(self) -> None:
-        """Forget which experts can be called directly; call after hooks change."""
+        """Forget which experts can be called directly, and restack the resident experts
+        (freeing an unloaded expert's stacked memory); call after placement changes."""
         self._direct = None
+        if self.stacked is not None:
+            self.stacked.restack(self.experts, self.unloaded)
 
     def _direct_flags(self) -> list[bool]:
         """Per expert: no accelerate hook on it or its projections, so its weights lie on the
