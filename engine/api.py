@@ -463,7 +463,7 @@ def load_engine(
             are grouped on the host, one read per MoE layer), ``"stacked"`` (the resident
             experts of a layer as one stacked tensor per device, run by grouped or batched
             matrix products with no host read: engine.stacked_experts) or ``"auto"``
-            (default: stacked when the model runs on CUDA, grouped on a CPU).
+            (default: grouped, the path measured on a GPU; see docs/engine.md).
 
     Raises:
         CheckpointError: missing/mis-shaped/unexpected tensor, bad config or experts.json,
