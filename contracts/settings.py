@@ -124,6 +124,12 @@ class Settings:
     rate_tpm: int = 1_000_000
     rate_max_parallel: int = 32
     rate_lease_seconds: float = 900.0
+    kv_cache_bytes: int = 0
+    """The engine's KV memory budget in bytes (FLEXGATE_KV_CACHE_BYTES); 0: a quarter of the
+    memory available on the engine's device when its scheduler starts (docs/generation.md)."""
+    prefill_chunk_tokens: int = 256
+    """Most prompt tokens the engine runs between two decoding steps
+    (FLEXGATE_PREFILL_CHUNK_TOKENS); 0: every prompt in one pass."""
 
     @property
     def served_model_name(self) -> str:
@@ -163,6 +169,8 @@ class Settings:
             rate_tpm=_int(env, "FLEXGATE_RATE_TPM", 1_000_000),
             rate_max_parallel=_int(env, "FLEXGATE_RATE_MAX_PARALLEL", 32),
             rate_lease_seconds=_float(env, "FLEXGATE_RATE_LEASE_SECONDS", 900.0, minimum=1.0),
+            kv_cache_bytes=_int(env, "FLEXGATE_KV_CACHE_BYTES", 0),
+            prefill_chunk_tokens=_int(env, "FLEXGATE_PREFILL_CHUNK_TOKENS", 256),
         )
 
 

@@ -32,7 +32,7 @@ from engine.modeling import GovernedFlexOlmoForCausalLM
 from engine.placement import DeviceMapSpec, ExpertRecord, Placement
 from engine.routing import RoutingControl
 from engine.sampling import SamplingParams
-from engine.scheduler import GenerationStream, Scheduler
+from engine.scheduler import DEFAULT_PREFILL_CHUNK, GenerationStream, Scheduler
 from engine.stacked_experts import ExpertPath
 
 __all__ = ["Allowed", "Engine", "ForwardResult", "Usage", "load_engine"]
@@ -93,6 +93,11 @@ class Engine:
         self._scheduler_lock = threading.Lock()  # not self.lock: the scheduler holds that per step
         self._maintenance = 0  # unload/load calls waiting for or holding self.lock
         self._maintenance_count_lock = threading.Lock()
+        self.kv_cache_bytes: int | None = None
+        """The scheduler's KV memory budget; None: derived from the memory available when
+        the scheduler starts (engine.kvcache.KV_MEMORY_FRACTION)."""
+        self.prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+        """Most prompt tokens run between two decoding steps (0: a prompt in one pass)."""
 
     # -- description ------------------------------------------------------------------------
 
@@ -250,7 +255,9 @@ class Engine:
         """The generation scheduler (its thread starts with the first request)."""
         with self._scheduler_lock:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self)
+                self._scheduler = Scheduler(
+                    self, kv_cache_bytes=self.kv_cache_bytes, prefill_chunk=self.prefill_chunk
+                )
             return self._scheduler
 
     def generate(
@@ -445,6 +452,8 @@ def load_engine(
     *,
     expert_priority: Sequence[str] | None = None,
     expert_path: str = "auto",
+    kv_cache_bytes: int | None = None,
+    prefill_chunk: int | None = None,
 ) -> Engine:
     """Load a FlexOlmo checkpoint folder into an :class:`Engine`.
 
@@ -464,6 +473,11 @@ def load_engine(
             experts of a layer as one stacked tensor per device, run by grouped or batched
             matrix products with no host read: engine.stacked_experts) or ``"auto"``
             (default: grouped, the path measured on a GPU; see docs/engine.md).
+        kv_cache_bytes: the generation scheduler's KV memory budget; default
+            ``FLEXGATE_KV_CACHE_BYTES``, and when that is 0, a quarter of the memory available
+            on the engine's device when the scheduler starts.
+        prefill_chunk: most prompt tokens run between two decoding steps (0: every prompt in
+            one pass); default ``FLEXGATE_PREFILL_CHUNK_TOKENS``.
 
     Raises:
         CheckpointError: missing/mis-shaped/unexpected tensor, bad config or experts.json,
@@ -496,4 +510,19 @@ def load_engine(
         for layer in model.model.layers:
             layer.mlp.stack_experts()
     tokenizer: PreTrainedTokenizerBase = loading.load_tokenizer(folder)
-    return Engine(model, tokenizer, experts, folder, tensors, placed, compute_dtype, path)
+    engine = Engine(model, tokenizer, experts, folder, tensors, placed, compute_dtype, path)
+    if kv_cache_bytes is None or prefill_chunk is None:
+        from contracts.settings import settings
+
+        current = settings()
+        if kv_cache_bytes is None:
+            kv_cache_bytes = current.kv_cache_bytes or None
+        if prefill_chunk is None:
+            prefill_chunk = current.prefill_chunk_tokens
+    if kv_cache_bytes is not None and kv_cache_bytes < 1:
+        raise ValueError(f"kv_cache_bytes must be >= 1, got {kv_cache_bytes}")
+    if prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
+    engine.kv_cache_bytes = kv_cache_bytes
+    engine.prefill_chunk = prefill_chunk
+    return engine

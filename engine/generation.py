@@ -1,12 +1,14 @@
 """Generation: request checks, the decoding batch, incremental detokenisation and stop strings.
 
 The scheduler thread (:mod:`engine.scheduler`) owns one :class:`DecodeBatch` and drives it:
-newcomers are prefilled (those of equal prompt length together, with no padding) and spliced
-into the running batch, then every step decodes one token for every row in one forward pass,
-each row under its own allowed-expert set. Rows are left-padded in a pre-allocated
-:class:`~engine.kvcache.SlotKVCache`; each row has its own position ids and padding mask, so a
-row computes exactly what it computes alone (up to floating-point summation order in the
-batched matrix products).
+an admitted request reserves the KV memory it can ever need, its prompt is prefilled (short
+prompts of equal length together, a long one in chunks between decoding steps), and it joins
+the running batch; then every step decodes one token for every row in one forward pass, each
+row under its own allowed-expert set. Keys and values live in a paged
+:class:`~engine.kvcache.PagedKVCache` (blocks per sequence, so memory follows each sequence's
+own length); each row has its own position ids and padding mask, so a row computes exactly
+what it computes alone (up to floating-point summation order in the batched matrix products),
+and a prompt run in chunks computes what it computes in one pass (likewise).
 
 Usage accounting (per request, per expert): ``tokens`` = number of (position, layer) top-k
 selections of the expert, ``weight`` = sum of their router probabilities, over every position
@@ -30,7 +32,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from engine.errors import PromptError
-from engine.kvcache import SlotKVCache
+from engine.kvcache import PagedKVCache
 from engine.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from engine.routing import RoutingControl
 from engine.sampling import SamplingParams, make_generator, select_tokens
@@ -328,10 +330,21 @@ class RunningSequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     finish_reason: FinishReason | None = None
+    kv: int | None = None
+    """The sequence's handle in the batch's KV cache, from admission until it leaves."""
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)
+    """A chunked prompt's logits so far, when the request asked for prompt log-probabilities."""
 
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
+
+    @property
+    def kv_tokens(self) -> int:
+        """The most tokens this sequence can ever hold in the KV cache: its prompt and every
+        generated token but the last (which is never fed back), within the context window."""
+        total = min(self.prompt_len + self.request.params.max_tokens, self.window)
+        return max(self.prompt_len, total - 1)
 
     @property
     def last_token(self) -> int:
@@ -416,12 +429,19 @@ class RunningSequence:
 
 
 class DecodeBatch:
-    """The running batch: one KV cache, one row per sequence, one forward pass per step.
+    """The running batch: one paged KV cache, the admitted sequences whose prompts are being
+    run, and the rows being decoded, one forward pass per prefill and per step.
+
+    A sequence is admitted with :meth:`start` (its most KV tokens reserved), its prompt is run
+    by one or more :meth:`prefill` calls (all at once, or in chunks between decoding steps),
+    then it is a row of every :meth:`step` until it is removed.
 
     Not thread-safe: only the scheduler thread calls it, inside ``torch.inference_mode()``.
     """
 
-    def __init__(self, backend: GenerationBackend, *, track_usage: bool = True) -> None:
+    def __init__(
+        self, backend: GenerationBackend, *, track_usage: bool = True, kv_blocks: int | None = None
+    ) -> None:
         self.backend = backend
         self.model = backend.model
         config = self.model.config
@@ -435,10 +455,12 @@ class DecodeBatch:
         )
         self._dtype = getattr(self.model, "dtype", torch.float32)
         self._fast_path = self._mask_kind != "2d" and _plain_governed_forward(self.model)
+        self.kv_blocks = kv_blocks
+        """The KV budget in blocks (None: unbounded)."""
         self.rows: list[RunningSequence] = []
-        self.cache = SlotKVCache(self.num_layers)
-        self._valid = torch.zeros((1, 64), dtype=torch.bool, device=self.device)
-        """[row capacity, column capacity]: True where a row's column holds a real token."""
+        self.prefilling: list[RunningSequence] = []
+        """Admitted sequences (KV reserved) whose prompts are not fully run, oldest first."""
+        self.cache = PagedKVCache(self.num_layers, max_blocks=kv_blocks)
         self._expert_rows: list[torch.Tensor] = []  # per row: bool [num_experts] (cpu)
         self._ctl: RoutingControl | None = None
 
@@ -468,18 +490,29 @@ class DecodeBatch:
         for i, seq in enumerate(self.rows):
             seq.add_usage(tokens[i], weight[i])
 
-    def _reserve_valid(self, rows: int, cols: int) -> None:
-        r, c = self._valid.shape
-        if r >= rows and c >= cols:
+    def can_start(self, seq: RunningSequence) -> bool:
+        """Whether ``seq``'s most KV tokens fit beside what the admitted sequences reserved."""
+        return self.cache.can_reserve(seq.kv_tokens)
+
+    def start(self, seq: RunningSequence) -> None:
+        """Admit ``seq``: reserve its KV memory; its prompt is run by :meth:`prefill`."""
+        seq.kv = self.cache.open(seq.kv_tokens)
+        seq.length = 0
+        self.prefilling.append(seq)
+
+    def _release(self, seq: RunningSequence) -> None:
+        if seq.kv is not None:
+            self.cache.close(seq.kv)
+            seq.kv = None
+
+    def drop(self, seq: RunningSequence) -> None:
+        """Take ``seq`` out of the batch, wherever it is, and free its KV memory."""
+        if seq in self.rows:
+            self.remove(self.rows.index(seq))
             return
-        while r < rows:
-            r *= 2
-        while c < cols:
-            c *= 2
-        new = torch.zeros((r, c), dtype=torch.bool, device=self.device)
-        old_r, old_c = self._valid.shape
-        new[:old_r, :old_c] = self._valid
-        self._valid = new
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        self._release(seq)
 
     def set_allowed(self, index: int, allowed: frozenset[str]) -> None:
         """Narrow row ``index`` to ``allowed`` from the next step on."""
@@ -492,84 +525,116 @@ class DecodeBatch:
             self._ctl.expert_mask = None if bool(mask.all()) else mask
 
     def remove(self, index: int) -> RunningSequence:
-        """Take row ``index`` out of the batch (its usage harvested), compacting the cache."""
+        """Take row ``index`` out of the batch (its usage harvested), freeing its KV blocks."""
         self._harvest()
-        seq = self.rows[index]
-        last = len(self.rows) - 1
-        if index != last:
-            self.cache.move_row(last, index)
-            self._valid[index] = self._valid[last]
-            self.rows[index] = self.rows[last]
-            self._expert_rows[index] = self._expert_rows[last]
-        self.rows.pop()
-        self._expert_rows.pop()
-        self.cache.pop_last_row()
-        if self.rows:
-            lead = self.cache.length - max(s.length for s in self.rows)
-            if lead > 0:  # leading columns that are padding in every row
-                self.cache.shift(-lead)
-                t = self.cache.length
-                b = len(self.rows)
-                self._valid[:b, :t] = self._valid[:b, lead : lead + t].clone()
-        else:
-            self._valid.zero_()
+        seq = self.rows.pop(index)
+        self._expert_rows.pop(index)
+        self._release(seq)
         return seq
 
-    def clear(self) -> list[RunningSequence]:
-        """Drop every row (after an error); returns them."""
+    def clear_rows(self) -> list[RunningSequence]:
+        """Drop every row, freeing its KV (after a failed step); returns them. The sequences
+        being prefilled stay: a step writes only the rows' own blocks."""
         rows = self.rows
         self.rows = []
         self._expert_rows = []
         self._ctl = None
-        self.cache = SlotKVCache(self.num_layers)
-        self._valid = torch.zeros((1, 64), dtype=torch.bool, device=self.device)
+        for seq in rows:
+            self._release(seq)
         return rows
+
+    def clear(self) -> list[RunningSequence]:
+        """Drop every row and every sequence being prefilled (after an error); returns them."""
+        out = [*self.rows, *self.prefilling]
+        self.rows = []
+        self.prefilling = []
+        self._expert_rows = []
+        self._ctl = None
+        for seq in out:
+            seq.kv = None
+        self.cache = PagedKVCache(self.num_layers, max_blocks=self.kv_blocks)
+        return out
 
     # -- compute --------------------------------------------------------------------------------
 
-    def prefill(self, seqs: Sequence[RunningSequence]) -> None:
-        """Run the prompts of ``seqs`` (all of one length), sample each one's first token and
-        splice the KV of those not yet finished into the batch (the others have
-        ``finish_reason`` set and are not in :attr:`rows`). Rows that asked for prompt
-        log-probabilities get them (the LM head then runs over every prompt position of the
-        group, which is why :func:`iter_groups` keeps such rows apart); rows with
-        ``max_tokens == 0`` only score their prompt and finish with ``length``."""
-        length = seqs[0].prompt_len
-        if any(s.prompt_len != length for s in seqs):
-            raise ValueError("prefill takes prompts of one length")
-        n = len(seqs)
+    def prefill(self, seqs: Sequence[RunningSequence], q: int | None = None) -> None:
+        """Run the next ``q`` prompt tokens of ``seqs`` (all that remain when None) in one
+        forward pass. ``seqs`` are being prefilled, with prompts of one length and as many
+        tokens already run. A sequence whose prompt is then complete samples its first token
+        and joins :attr:`rows`, unless it finished at once (``finish_reason`` set, its KV
+        freed, not in :attr:`rows`). Rows that asked for prompt log-probabilities get them (the
+        LM head then runs over every prompt position, which is why :func:`iter_groups` keeps
+        such rows apart); rows with ``max_tokens == 0`` only score their prompt and finish with
+        ``length``. If the pass fails, ``seqs`` are dropped (their KV freed) and the error
+        propagates; the running rows are untouched."""
+        length, start = seqs[0].prompt_len, seqs[0].length
+        if any(s.prompt_len != length or s.length != start for s in seqs):
+            raise ValueError("prefill takes prompts of one length, run as far")
+        if any(s not in self.prefilling for s in seqs):
+            raise ValueError("prefill takes sequences admitted with start() and not yet run")
+        count = length - start if q is None else min(q, length - start)
+        if count < 1:
+            raise ValueError(f"nothing to prefill: q={q}")
+        try:
+            self._prefill(seqs, start, count)
+        except BaseException:
+            for s in seqs:
+                self.drop(s)
+            raise
+
+    def _prefill(self, seqs: Sequence[RunningSequence], start: int, q: int) -> None:
+        n, end = len(seqs), start + q
         scoring = any(s.request.params.prompt_logprobs is not None for s in seqs)
         masks = [self._expert_mask_row(s.allowed) for s in seqs]
         ctl = self._routing(masks)
-        cache = SlotKVCache(self.num_layers, rows=n, cols=length)
-        cache.batch = n
-        input_ids = torch.tensor([s.request.prompt_ids for s in seqs], device=self.device)
-        positions = torch.arange(length, device=self.device).unsqueeze(0).expand(n, -1)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=None,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            routing=ctl,
-            logits_to_keep=0 if scoring else 1,
+        input_ids = torch.tensor(
+            [s.request.prompt_ids[start:end] for s in seqs], device=self.device
         )
-        cache.advance(length)
-        logits = out.logits[:, -1, :]
-        if scoring:
-            for i, s in enumerate(seqs):
-                count = s.request.params.prompt_logprobs
-                if count is not None:
-                    s.prompt_logprobs = tuple(
-                        prompt_logprobs(out.logits[i], s.request.prompt_ids, count)
-                    )
+        positions = torch.arange(start, end, device=self.device).unsqueeze(0).expand(n, -1)
+        handles: list[int] = []
+        for s in seqs:
+            assert s.kv is not None
+            handles.append(s.kv)
+        self.cache.begin(handles, q)
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                # A pass from position 0 is plain causal: the model's own mask (and sdpa's
+                # causal kernel), exactly as a prefill without chunks.
+                attention_mask=None if start == 0 else self._chunk_mask(n, start, q),
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                routing=ctl,
+                logits_to_keep=0 if scoring else 1,
+            )
+        except BaseException:
+            self.cache.cancel()
+            raise
+        self.cache.commit()
+        for s in seqs:
+            s.length = end
         if self.track_usage:
             used, weight = ctl.tokens.cpu(), ctl.weight.cpu()
             for i, s in enumerate(seqs):
                 s.add_usage(used[i], weight[i])
+        if scoring:
+            for i, s in enumerate(seqs):
+                if s.request.params.prompt_logprobs is not None:
+                    s.prompt_logits.append(out.logits[i])
+        if end < seqs[0].prompt_len:
+            return
+        for s in seqs:
+            count = s.request.params.prompt_logprobs
+            if count is not None:
+                parts = s.prompt_logits
+                full = parts[0] if len(parts) == 1 else torch.cat(parts)
+                s.prompt_logprobs = tuple(prompt_logprobs(full, s.request.prompt_ids, count))
+                s.prompt_logits = []
+        logits = out.logits[:, -1, :]
         generating = [i for i, s in enumerate(seqs) if s.request.params.max_tokens > 0]
         for seq in seqs:
-            seq.length = length
+            self.prefilling.remove(seq)
             if seq.request.params.max_tokens == 0:
                 seq.finish_reason = "length"
         if len(generating) == n:
@@ -577,41 +642,37 @@ class DecodeBatch:
         elif generating:
             self._sample(logits[generating], [seqs[i] for i in generating])
         joining = [(i, s) for i, s in enumerate(seqs) if s.finish_reason is None]
+        for s in seqs:
+            if s.finish_reason is not None:
+                self._release(s)
         if not joining:
             return
         self._harvest()  # the batch changes shape
-        if not self.rows:
-            self.cache.length = length
-        elif length > self.cache.length:
-            delta = length - self.cache.length
-            self._reserve_valid(len(self.rows), length + 1)
-            self.cache.shift(delta)
-            b, t_new = len(self.rows), self.cache.length
-            self._valid[:b, delta:t_new] = self._valid[:b, : t_new - delta].clone()
-            self._valid[:b, :delta] = False
         for i, seq in joining:
-            row = self.cache.add_row(cache, i, length)
-            self._reserve_valid(row + 1, self.cache.length + 1)
-            t = self.cache.length
-            self._valid[row, : t - length] = False
-            self._valid[row, t - length : t] = True
-            self._valid[row, t:] = False
             self.rows.append(seq)
             self._expert_rows.append(masks[i])
 
     def step(self) -> None:
         """Decode one token for every row."""
-        b = len(self.rows)
-        t = self.cache.length
-        self.cache.reserve(b, t + 1)
-        self._reserve_valid(b, t + 1)
-        self._valid[:b, t] = True
         if self._ctl is None:
             self._ctl = self._routing(self._expert_rows)
         input_ids = torch.tensor([[s.last_token] for s in self.rows], device=self.device)
         positions = torch.tensor([[s.length] for s in self.rows], device=self.device)
-        logits = self.decode_logits(input_ids, positions, self._attention_mask(b, t + 1))
-        self.cache.advance(1)
+        handles: list[int] = []
+        for s in self.rows:
+            assert s.kv is not None
+            handles.append(s.kv)
+        self.cache.begin(handles, 1)
+        assert self.cache.current is not None
+        kv_len = self.cache.current.kv_len
+        # A row sees its own columns up to the one this step writes (its position).
+        valid = torch.arange(kv_len, device=self.device).unsqueeze(0) <= positions
+        try:
+            logits = self.decode_logits(input_ids, positions, self._mask(valid))
+        except BaseException:
+            self.cache.cancel()
+            raise
+        self.cache.commit()
         for s in self.rows:
             s.length += 1
         self._sample(logits, self.rows)
@@ -675,16 +736,28 @@ class DecodeBatch:
         full: torch.Tensor = out.logits[:, -1, :]
         return full
 
-    def _attention_mask(self, b: int, kv_len: int) -> torch.Tensor:
-        valid = self._valid[:b, :kv_len]
+    def _mask(self, valid: torch.Tensor) -> torch.Tensor:
+        """The attention mask of ``valid`` (bool ``[rows, kv_len]`` for a step, ``[rows, 1, q,
+        kv_len]`` for a chunk) in the form the attention implementation takes."""
         if self._mask_kind == "2d":
             return valid
-        mask4d = valid[:, None, None, :]
+        mask4d = valid[:, None, None, :] if valid.dim() == 2 else valid
         if self._mask_kind == "bool":
             return mask4d
         zero = torch.zeros((), dtype=self._dtype, device=self.device)
         neg = torch.full((), torch.finfo(self._dtype).min, dtype=self._dtype, device=self.device)
         return torch.where(mask4d, zero, neg)
+
+    def _chunk_mask(self, n: int, start: int, q: int) -> torch.Tensor:
+        """Causal mask of a chunk: query ``j`` (position ``start + j``) sees columns up to
+        its own position."""
+        kv_len = start + q
+        if self._mask_kind == "2d":  # the model adds causality from the cache's query offset
+            return torch.ones((n, kv_len), dtype=torch.bool, device=self.device)
+        cols = torch.arange(kv_len, device=self.device)
+        rows = torch.arange(start, kv_len, device=self.device)
+        causal = cols.unsqueeze(0) <= rows.unsqueeze(1)
+        return self._mask(causal.expand(n, 1, q, kv_len))
 
 
 def _plain_governed_forward(model: Any) -> bool:

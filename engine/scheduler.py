@@ -1,12 +1,15 @@
 """The scheduler: one thread owns the model and batches every request, continuously.
 
 Callers on any thread (an asyncio event loop included) submit requests; submission checks the
-request (prompt, window, sampling parameters, allowed set) and raises before any compute. The
-scheduler thread then loops: it applies cancellations and narrowings, admits waiting requests
-into the running batch (prefilling them, those of equal prompt length together) without waiting
-for the batch to finish, and decodes one token for every running request in one forward pass —
-rows with different allowed-expert sets side by side. A row that finishes or is cancelled leaves
-the batch at once, freeing its slot for the next waiting request.
+request (prompt, window, sampling parameters, allowed set, and that its KV memory fits the
+budget at all) and raises before any compute. The scheduler thread then loops: it applies
+cancellations and narrowings; admits waiting requests, oldest first, while the KV memory they
+can ever need fits beside what the admitted ones reserved (so short requests admit many, long
+ones fewer); runs at most ``prefill_chunk`` prompt tokens (short prompts of equal length
+together, a long prompt one chunk at a time); and decodes one token for every running request
+in one forward pass — rows with different allowed-expert sets side by side. A long prompt thus
+arrives without stalling the running streams for its whole prefill. A row that finishes or is
+cancelled leaves the batch at once, freeing its KV memory for the next waiting request.
 
 Events reach asyncio callers through ``loop.call_soon_threadsafe`` and synchronous callers
 through a thread-safe queue, so the scheduler never blocks on a caller and an event loop never
@@ -29,12 +32,13 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import torch
 
-from engine.errors import ExpertSetError, GenerationError
+from engine.errors import ExpertSetError, GenerationError, PromptError
 from engine.generation import (
     DecodeBatch,
     Finished,
@@ -48,11 +52,21 @@ from engine.generation import (
     new_sequence,
     tokenize_prompt,
 )
+from engine.kvcache import BLOCK_TOKENS, blocks_for, default_kv_cache_bytes, kv_bytes_per_token
 from engine.sampling import SamplingParams
 
-__all__ = ["GenerationError", "GenerationStream", "RequestControl", "Scheduler"]
+__all__ = ["GenerationError", "GenerationStream", "KVMemory", "RequestControl", "Scheduler"]
 
-DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_MAX_BATCH_SIZE = 64
+"""Most requests admitted at once, whatever the KV budget would allow: a safety bound, not the
+capacity (that is the budget). Every row adds to each step's cost and to the scheduler thread's
+serial per-row work (sampling, detokenising, events), so without a bound a budget that fits
+hundreds of short requests would stretch every stream's inter-token latency without limit."""
+
+DEFAULT_PREFILL_CHUNK = 256
+"""Most prompt tokens run between two decoding steps (0: a prompt runs in one pass, however
+long). A longer prompt is run in chunks of this many tokens, one per step, so running streams
+keep producing tokens while it arrives (measured in docs/benchmarks.md, bench/prefill.py)."""
 
 ADMISSION_WINDOW_S = 0.002
 """When an idle scheduler wakes for a request, it waits this long (at most; less once the batch
@@ -136,6 +150,19 @@ class RequestControl:
     def cancel(self) -> None:
         """Stop the request; it ends with finish reason ``cancelled`` at the next step."""
         self.cancelled = True
+
+
+@dataclass(frozen=True)
+class KVMemory:
+    """A snapshot of the scheduler's KV memory (approximate when read from another thread)."""
+
+    budget_bytes: int
+    reserved_bytes: int
+    """What the admitted requests may grow to, at most ``budget_bytes``."""
+    allocated_bytes: int
+    """What the cache's block pools hold now."""
+    requests: int
+    """Requests holding KV memory: running, or with their prompt being prefilled."""
 
 
 class GenerationStream:
@@ -249,8 +276,14 @@ class Scheduler:
 
     Args:
         backend: the engine (model, tokenizer, expert ids, device, ``mask_for``).
-        max_batch_size: most requests decoded together; more wait for a free slot.
+        max_batch_size: most requests admitted at once (a safety bound, see
+            :data:`DEFAULT_MAX_BATCH_SIZE`); within it the KV budget decides.
         track_usage: account per-expert usage (``GenerationResult.usage`` is None when off).
+        kv_cache_bytes: the KV memory budget; None: a fraction of the memory available on
+            the engine's device now (:data:`engine.kvcache.KV_MEMORY_FRACTION`). A request
+            whose prompt and ``max_tokens`` can never fit is refused at submission.
+        prefill_chunk: most prompt tokens run between two decoding steps; 0 or None: every
+            prompt in one pass (see :data:`DEFAULT_PREFILL_CHUNK`).
     """
 
     def __init__(
@@ -259,12 +292,29 @@ class Scheduler:
         *,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         track_usage: bool = True,
+        kv_cache_bytes: int | None = None,
+        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk is not None and prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
         self.backend = backend
         self.max_batch_size = max_batch_size
         self.track_usage = track_usage
+        self.prefill_chunk = prefill_chunk or 0
+        dtype = getattr(backend.model, "dtype", torch.float32)
+        self._block_bytes = kv_bytes_per_token(backend.model.config, dtype) * BLOCK_TOKENS
+        if kv_cache_bytes is None:
+            kv_cache_bytes = default_kv_cache_bytes(backend.device)
+        if kv_cache_bytes < self._block_bytes:
+            raise ValueError(
+                f"kv_cache_bytes={kv_cache_bytes} holds no KV block of this model "
+                f"({self._block_bytes} bytes, {BLOCK_TOKENS} tokens)"
+            )
+        self.kv_cache_bytes = kv_cache_bytes
+        self.kv_blocks = kv_cache_bytes // self._block_bytes
+        """The budget in cache blocks of ``BLOCK_TOKENS`` tokens."""
         self._expert_ids = tuple(backend.expert_ids)
         self._inbox: queue.SimpleQueue[RunningSequence | object] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -315,6 +365,13 @@ class Scheduler:
         )
         control = RequestControl(request.request_id, self._expert_ids, allowed_ids)
         seq = new_sequence(self.backend, request, sink, control, self._decoder)
+        if blocks_for(seq.kv_tokens) > self.kv_blocks:
+            raise PromptError(
+                f"the prompt ({seq.prompt_len} tokens) and max_tokens ({params.max_tokens}) "
+                f"need KV memory for {seq.kv_tokens} tokens; this engine's KV budget "
+                f"({self.kv_cache_bytes} bytes) holds {self.kv_blocks * BLOCK_TOKENS}: "
+                "ask for fewer tokens"
+            )
         with self._lock:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -394,13 +451,28 @@ class Scheduler:
         """Requests in the running batch (approximate when read from another thread)."""
         return len(self._batch.rows) if self._batch is not None else 0
 
+    def memory(self) -> KVMemory:
+        """The KV budget and what is reserved and allocated of it now."""
+        batch = self._batch
+        if batch is None:
+            return KVMemory(self.kv_cache_bytes, 0, 0, 0)
+        cache = batch.cache
+        return KVMemory(
+            budget_bytes=self.kv_cache_bytes,
+            reserved_bytes=cache.reserved_blocks * self._block_bytes,
+            allocated_bytes=cache.allocated_bytes,
+            requests=len(batch.rows) + len(batch.prefilling),
+        )
+
     # -- the scheduler thread -------------------------------------------------------------------
 
     def _run(self) -> None:
         with torch.inference_mode():
             batch = self._batch  # kept between threads: its buffers are reused
             if batch is None:
-                batch = self._batch = DecodeBatch(self.backend, track_usage=self.track_usage)
+                batch = self._batch = DecodeBatch(
+                    self.backend, track_usage=self.track_usage, kv_blocks=self.kv_blocks
+                )
             try:
                 while True:
                     try:
@@ -482,7 +554,7 @@ class Scheduler:
             seq.deliver(exc)
 
     def _iterate(self, batch: DecodeBatch) -> None:
-        self._take(block=not batch.rows and not self._waiting)
+        self._take(block=not batch.rows and not batch.prefilling and not self._waiting)
         self._yield_to_maintenance()
         # The engine's lock: experts are unloaded and loaded only between steps.
         with self._model_lock:
@@ -492,7 +564,7 @@ class Scheduler:
                 try:
                     batch.step()
                 except Exception as exc:
-                    self._fail(batch.clear(), exc)
+                    self._fail(batch.clear_rows(), exc)
                     return
                 self._retire(batch)
 
@@ -514,7 +586,7 @@ class Scheduler:
         loaded = frozenset(loaded_ids)
         if len(loaded) == len(self._expert_ids):
             return
-        for seq in [*self._waiting, *batch.rows]:
+        for seq in [*self._waiting, *batch.prefilling, *batch.rows]:
             _, allowed = seq.control.snapshot()
             gone = allowed - loaded
             if gone:
@@ -524,17 +596,13 @@ class Scheduler:
         """Cancellations and narrowings (and unloaded experts), before the next step."""
         self._revoke_unloaded(batch)
         for seq in list(self._waiting):
-            control: RequestControl = seq.control
-            if control.cancelled:
+            if not self._apply_control(seq):
                 self._waiting.remove(seq)
                 self._finish(seq, "cancelled")
-            elif control.version != seq.seen_version:
-                seq.seen_version, allowed = control.snapshot()
-                seq.narrowed |= seq.allowed - allowed
-                seq.allowed = allowed
-                if not allowed:
-                    self._waiting.remove(seq)
-                    self._finish(seq, "cancelled")
+        for seq in list(batch.prefilling):  # the next chunk runs under the new set
+            if not self._apply_control(seq):
+                batch.drop(seq)
+                self._finish(seq, "cancelled")
         for index in range(len(batch.rows) - 1, -1, -1):
             seq = batch.rows[index]
             control = seq.control
@@ -550,23 +618,70 @@ class Scheduler:
                     removed.allowed = frozenset()
                     self._finish(removed, "cancelled")
 
+    @staticmethod
+    def _apply_control(seq: RunningSequence) -> bool:
+        """Apply a not-yet-running request's cancellation or narrowing; False: it ends."""
+        control: RequestControl = seq.control
+        if control.cancelled:
+            return False
+        if control.version != seq.seen_version:
+            seq.seen_version, allowed = control.snapshot()
+            seq.narrowed |= seq.allowed - allowed
+            seq.allowed = allowed
+            if not allowed:
+                return False
+        return True
+
     def _admit(self, batch: DecodeBatch) -> None:
-        free = self.max_batch_size - len(batch.rows)
-        if free <= 0 or not self._waiting:
-            return
-        newcomers = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        for group in iter_groups(newcomers):
+        """Admit waiting requests, oldest first, while the bound and the KV budget allow (a
+        request that does not fit yet waits, and so do those behind it: no starvation of long
+        requests), then run this iteration's share of prefill work."""
+        while self._waiting and len(batch.rows) + len(batch.prefilling) < self.max_batch_size:
+            if not batch.can_start(self._waiting[0]):
+                if batch.rows or batch.prefilling:
+                    break  # memory frees as they finish
+                seq = self._waiting.popleft()  # alone it cannot fit (submit refuses these)
+                need = seq.kv_tokens
+                seq.deliver(PromptError(f"the request needs KV memory for {need} tokens"))
+                continue
+            batch.start(self._waiting.popleft())
+        if batch.prefilling:
+            self._prefill(batch)
+            self._retire(batch)
+
+    def _prefill(self, batch: DecodeBatch) -> None:
+        """Run prompt work, oldest first, up to ``prefill_chunk`` tokens (the first unit
+        always runs): a short prompt together with the others of its length, up to the
+        chunk; a long prompt its next chunk. Chunk boundaries depend on the prompt only, so
+        a prompt is computed the same way however busy the engine is."""
+        limit = self.prefill_chunk
+        spent = 0
+        queued = list(batch.prefilling)
+        done: set[int] = set()
+        for head in queued:
+            if id(head) in done or head not in batch.prefilling:
+                continue
+            if limit and head.prompt_len > limit:
+                group, q = [head], min(limit, head.prompt_len - head.length)
+            else:
+                fresh = (s for s in queued if id(s) not in done and s.length == 0)
+                group = next(g for g in iter_groups(fresh) if head in g)
+                q = head.prompt_len
+                if limit:
+                    group = group[: max(1, limit // q)]
+            cost = len(group) * q
+            if spent and limit and spent + cost > limit:
+                break
+            done.update(id(s) for s in group)
+            spent += cost
             try:
-                batch.prefill(group)
-            except Exception as exc:
+                batch.prefill(group, q)
+            except Exception as exc:  # the group is dropped; the running rows are untouched
                 self._fail(group, exc)
-                if batch.cache.batch != len(batch.rows):  # the batch itself is damaged
-                    self._fail(batch.clear(), exc)
                 continue
             for seq in group:
                 if seq.finish_reason is not None and seq not in batch.rows:
                     self._finish(seq, seq.finish_reason)
-        self._retire(batch)
 
     def _retire(self, batch: DecodeBatch) -> None:
         for index in range(len(batch.rows) - 1, -1, -1):

@@ -112,8 +112,8 @@ def test_seeded_sampling_is_the_same_alone_and_batched(sched: Scheduler) -> None
 
 
 def test_newcomers_join_a_running_batch(sched: Scheduler) -> None:
-    """A long request runs; a longer prompt joins (the cache shifts right), finishes first
-    (the cache compacts), another joins; all equal their outputs alone."""
+    """A long request runs; a longer prompt joins, finishes first (its blocks are freed),
+    another joins; all equal their outputs alone."""
     long_p, long_n = "The", 120
     joiners = [
         (
