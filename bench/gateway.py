@@ -1,7 +1,7 @@
 """Gateway benchmark (a script, not a test): the cost of the gateway around the engine.
 
     PYTHONPATH=. python bench/gateway.py [--size medium|tiny] [--rounds 3] \\
-        [--database-url URL] [--kill-seconds 60] [--skip-kill]
+        [--database-url URL] [--kill-seconds 60] [--skip-kill] [--baseline CHECKOUT]
 
 Part 1. /v1/completions, 16 generated tokens, greedy, at 1, 8 and 32 concurrent clients,
 through a real `flexgate serve` process (one worker; auth, route policy, allowed set, rate
@@ -10,7 +10,12 @@ engine of the same checkpoint (`Engine.stream`, same prompt and parameters). The
 are interleaved round by round and the medians of the rounds reported, with their spread
 (min-max). Latency is the whole request as the client sees it; TTFT is measured with streamed
 requests (first chunk with text); tokens/s counts the completion tokens the replies report.
+The in-process side calls the engine as the gateway does: `text_events=False` for a plain
+reply (the result only), text events for a streamed one.
 The gateway's overhead per request is p50(gateway) - p50(engine), in ms and in %.
+`--baseline CHECKOUT` (another checkout of the repository, e.g. a `git worktree` of an older
+commit) adds a second server running that checkout's code, measured in the same rounds, so an
+A/B of two gateway versions shares the machine's load (its own SQLite file).
 
 Part 2. A `--kill-seconds` load on `flexgate serve --workers 2` (8 client loops), one worker
 SIGKILLed midway: every response a client received must have its ledger record (same seq and
@@ -115,7 +120,8 @@ def engine_call(eng: Any, ids: list[int], stream: bool) -> Any:
     async def one() -> tuple[float | None, int]:
         first: float | None = None
         n = 0
-        async for event in eng.stream(ids, params, allowed=EXPERTS):
+        # as the gateway calls it: text events only when the reply streams
+        async for event in eng.stream(ids, params, allowed=EXPERTS, text_events=stream):
             if isinstance(event, Finished):
                 n = event.result.completion_tokens
             elif first is None and event.token_ids:
@@ -180,8 +186,9 @@ async def seed(db_url: str) -> dict[str, str]:
 
 
 async def start(
-    db_url: str, home: Path, model_dir: Path, workers: int
+    db_url: str, home: Path, model_dir: Path, workers: int, repo: Path = REPO
 ) -> tuple[asyncio.subprocess.Process, str]:
+    """`flexgate serve` of the checkout `repo` (its own code: PYTHONPATH and cwd)."""
     import socket
 
     with socket.socket() as sock:
@@ -189,7 +196,7 @@ async def start(
         port = sock.getsockname()[1]
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(repo),
         "FLEXGATE_DATABASE_URL": db_url,
         "FLEXGATE_HOME": str(home),
         "FLEXGATE_MODEL": str(model_dir),
@@ -215,6 +222,7 @@ async def start(
         env=env,
         stdout=log,
         stderr=asyncio.subprocess.STDOUT,
+        cwd=str(repo),
     )
     url = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(timeout=2) as c:
@@ -246,47 +254,69 @@ async def part1(args: argparse.Namespace, db_url: str, home: Path, model_dir: Pa
     keys = await seed(db_url)
     eng = load_engine(model_dir)
     ids = list(eng.tokenizer(PROMPT)["input_ids"])
-    proc, url = await start(db_url, home, model_dir, 1)
+    servers = {"gateway": await start(db_url, home, model_dir, 1)}
+    tokens = {"gateway": keys["bench-app"]}
+    if args.baseline is not None:
+        base_home = home.parent / "home-baseline"
+        base_home.mkdir()
+        base_db = f"sqlite+aiosqlite:///{base_home / 'flexgate.db'}"
+        await asyncio.to_thread(upgrade, base_db)
+        tokens["baseline"] = (await seed(base_db))["bench-app"]
+        servers["baseline"] = await start(base_db, base_home, model_dir, 1, args.baseline)
+    sides = ["engine", *servers]
     results: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+    loads: list[float] = []
+    clients: dict[str, httpx.AsyncClient] = {}
     try:
         # idle connections dropped before the server closes them (uvicorn: 5 s), so a POST
         # never lands on a connection the server is closing
         limits = httpx.Limits(
             max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0
         )
-        headers = {"Authorization": f"Bearer {keys['bench-app']}"}
-        async with httpx.AsyncClient(
-            base_url=url, headers=headers, timeout=300, limits=limits
-        ) as client:
-            # warm-up: both engines, both paths
+        for name, (_proc, url) in servers.items():
+            clients[name] = httpx.AsyncClient(
+                base_url=url,
+                headers={"Authorization": f"Bearer {tokens[name]}"},
+                timeout=300,
+                limits=limits,
+            )
+
+        def call(where: str, stream: bool) -> Any:
+            if where == "engine":
+                return engine_call(eng, ids, stream)
+            return gateway_call(clients[where], ids, stream)
+
+        # warm-up: every side, both paths
+        for n in CONCURRENCY:
+            for where in sides:
+                await run_concurrent(n, n, call(where, False))
+                await run_concurrent(n, n, call(where, True))
+        for rnd in range(args.rounds):
             for n in CONCURRENCY:
-                await run_concurrent(n, n, engine_call(eng, ids, False))
-                await run_concurrent(n, n, gateway_call(client, ids, False))
-            for rnd in range(args.rounds):
-                for n in CONCURRENCY:
-                    for mode in ("plain", "stream"):
-                        total = REQUESTS[n] if mode == "plain" else n
-                        for where in ("engine", "gateway"):
-                            one = (
-                                engine_call(eng, ids, mode == "stream")
-                                if where == "engine"
-                                else gateway_call(client, ids, mode == "stream")
-                            )
-                            # let the other side's OpenMP threads stop spin-waiting first
-                            await asyncio.sleep(1.0)
-                            s = await run_concurrent(n, total, one)
-                            results.setdefault((where, n, mode), []).append(s.summary())
-                print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
+                for mode in ("plain", "stream"):
+                    total = REQUESTS[n] if mode == "plain" else n
+                    for where in sides:
+                        # let the other side's OpenMP threads stop spin-waiting first
+                        await asyncio.sleep(1.0)
+                        s = await run_concurrent(n, total, call(where, mode == "stream"))
+                        results.setdefault((where, n, mode), []).append(s.summary())
+            loads.append(os.getloadavg()[0])
+            print(f"round {rnd + 1}/{args.rounds} done, load {loads[-1]:.1f}", file=sys.stderr)
     finally:
-        await stop(proc)
+        for c in clients.values():
+            await c.aclose()
+        for proc, _url in servers.values():
+            await stop(proc)
         eng.close()
     lines = [
+        f"load average (1 min) at the end of each round: {', '.join(f'{x:.1f}' for x in loads)}",
+        "",
         "| clients | path | requests/s | p50 ms | p99 ms | TTFT p50 ms | tokens/s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     over: list[str] = []
     for n in CONCURRENCY:
-        for where in ("engine", "gateway"):
+        for where in sides:
             plain = results[(where, n, "plain")]
             stream = results[(where, n, "stream")]
             lines.append(
@@ -296,22 +326,41 @@ async def part1(args: argparse.Namespace, db_url: str, home: Path, model_dir: Pa
                 f"| {spread([r['ttft_p50_ms'] for r in stream])} "
                 f"| {spread([r['tok_s'] for r in plain])} |"
             )
-        eng_p50 = [r["p50_ms"] for r in results[("engine", n, "plain")]]
-        gw_p50 = [r["p50_ms"] for r in results[("gateway", n, "plain")]]
-        diffs = [g - e for g, e in zip(gw_p50, eng_p50, strict=True)]
-        pct = [100 * d / e for d, e in zip(diffs, eng_p50, strict=True)]
-        ratio = [
-            g["tok_s"] / e["tok_s"]
-            for g, e in zip(
-                results[("gateway", n, "plain")], results[("engine", n, "plain")], strict=True
+        for where in servers:
+            over.append(f"- {n} client(s), {where}: " + overhead(results, where, n))
+        if "baseline" in servers:
+            ratio = [
+                g["tok_s"] / b["tok_s"]
+                for g, b in zip(
+                    results[("gateway", n, "plain")],
+                    results[("baseline", n, "plain")],
+                    strict=True,
+                )
+            ]
+            over.append(
+                f"- {n} client(s): gateway tokens/s = {statistics.median(ratio):.2f}x the "
+                f"baseline's ({min(ratio):.2f}-{max(ratio):.2f})"
             )
-        ]
-        over.append(
-            f"- {n} client(s): gateway overhead at p50 {spread(diffs)} ms = {spread(pct)} %; "
-            f"gateway tokens/s = {statistics.median(ratio):.2f}x the engine's "
-            f"({min(ratio):.2f}-{max(ratio):.2f})"
-        )
     return [*lines, "", *over]
+
+
+def overhead(
+    results: dict[tuple[str, int, str], list[dict[str, float]]], where: str, n: int
+) -> str:
+    """p50(server) - p50(engine) per round, and the server's tokens/s over the engine's."""
+    eng_p50 = [r["p50_ms"] for r in results[("engine", n, "plain")]]
+    gw_p50 = [r["p50_ms"] for r in results[(where, n, "plain")]]
+    diffs = [g - e for g, e in zip(gw_p50, eng_p50, strict=True)]
+    pct = [100 * d / e for d, e in zip(diffs, eng_p50, strict=True)]
+    ratio = [
+        g["tok_s"] / e["tok_s"]
+        for g, e in zip(results[(where, n, "plain")], results[("engine", n, "plain")], strict=True)
+    ]
+    return (
+        f"overhead at p50 {spread(diffs)} ms = {spread(pct)} %; "
+        f"tokens/s = {statistics.median(ratio):.2f}x the engine's "
+        f"({min(ratio):.2f}-{max(ratio):.2f})"
+    )
 
 
 async def part2(args: argparse.Namespace, db_url: str, home: Path, model_dir: Path) -> list[str]:
@@ -450,6 +499,12 @@ async def main() -> None:
     ap.add_argument("--kill-seconds", type=float, default=60.0)
     ap.add_argument("--skip-kill", action="store_true")
     ap.add_argument("--skip-compare", action="store_true")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout whose gateway is measured in the same rounds (A/B)",
+    )
     args = ap.parse_args()
     SIZES = _engine_bench_sizes()
 
@@ -457,7 +512,11 @@ async def main() -> None:
     overrides = dict(SIZES[args.size])
     overrides.pop("num_experts", None)
     model_dir = build_tiny_checkpoint(work / MODEL, EXPERTS, seed=0, **overrides)
-    print(f"# bench/gateway.py on {platform.node()}, {os.cpu_count()} CPUs, {args.size} model")
+    print(
+        f"# bench/gateway.py on {platform.node()}, {os.cpu_count()} CPUs, {args.size} model, "
+        f"load average {os.getloadavg()[0]:.1f} at start"
+        + (f", baseline {args.baseline}" if args.baseline else "")
+    )
     if not args.skip_compare:
         home = work / "home1"
         db_url = args.database_url or f"sqlite+aiosqlite:///{home / 'flexgate.db'}"

@@ -96,6 +96,10 @@ class Settings:
     checkpoint on stdin; exit 0 accepts it), or an `http://` / `https://` URL (POSTed)."""
     audit_witness_timeout_s: float = 10.0
     otel_endpoint: str | None = None
+    metrics_dir: Path | None = None
+    """Where the workers of one `flexgate serve` keep their metrics so that /metrics answers
+    for all of them (PROMETHEUS_MULTIPROC_DIR, prometheus_client's multiprocess mode; serve
+    sets it); None: each process reports only itself."""
     oidc_issuer: str | None = None
     oidc_audience: str | None = None
     oidc_jwks: str | None = None
@@ -154,6 +158,11 @@ class Settings:
             audit_witnesses=_witnesses(env, "FLEXGATE_AUDIT_WITNESSES"),
             audit_witness_timeout_s=_float(env, "FLEXGATE_AUDIT_WITNESS_TIMEOUT_S", 10.0),
             otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+            metrics_dir=(
+                Path(env["PROMETHEUS_MULTIPROC_DIR"])
+                if env.get("PROMETHEUS_MULTIPROC_DIR")
+                else None
+            ),
             oidc_issuer=env.get("FLEXGATE_OIDC_ISSUER") or None,
             oidc_audience=env.get("FLEXGATE_OIDC_AUDIENCE") or None,
             oidc_jwks=env.get("FLEXGATE_OIDC_JWKS") or None,

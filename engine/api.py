@@ -326,11 +326,13 @@ class Engine:
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
         request_id: str | None = None,
+        text_events: bool = True,
     ) -> GenerationStream:
         """As :meth:`generate`, streaming: call it on the event loop that iterates the result,
         an async iterator of ``TextDelta`` events then one ``Finished`` event with the
-        :class:`GenerationResult`. ``stream.narrow(ids)`` / ``stream.revoke(ids)`` change the
-        allowed set from the next decoding step; ``aclose()`` or cancelling the consuming task
+        :class:`GenerationResult` (``text_events=False``: the ``Finished`` event only).
+        ``stream.narrow(ids)`` / ``stream.revoke(ids)`` change the allowed set from the next
+        decoding step; ``aclose()`` or cancelling the consuming task
         cancels the request and frees its slot. Errors as :meth:`generate`, raised here.
         """
         sampling = _sampling(
@@ -345,7 +347,9 @@ class Engine:
             logprobs,
             prompt_logprobs,
         )
-        return self.scheduler.stream(prompt, sampling, allowed=allowed, request_id=request_id)
+        return self.scheduler.stream(
+            prompt, sampling, allowed=allowed, request_id=request_id, text_events=text_events
+        )
 
     def close(self) -> None:
         """Stop the generation scheduler; requests still running end as cancelled."""

@@ -25,6 +25,7 @@ for before the narrowing and gains nothing after it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -87,6 +88,9 @@ class GenerationResult:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     """One per prompt token, the first None (nothing predicts it); None when not asked, or
     when the request ended (cancelled) before its prompt was run."""
+    first_token_at: float | None = None
+    """``time.perf_counter()`` when the first token was sampled (time to first token); None
+    when none was."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,9 @@ class TextDelta:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """On a request's first delta only, when it asked for prompt log-probabilities (computed at
+    prefill): a stream can send the scored prompt before the generated text."""
 
 
 @dataclass(frozen=True)
@@ -329,6 +336,8 @@ class RunningSequence:
     """Per generated token, when the request asked for them."""
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    prompt_logprobs_sent: bool = False
+    first_token_at: float | None = None
     finish_reason: FinishReason | None = None
     kv: int | None = None
     """The sequence's handle in the batch's KV cache, from admission until it leaves."""
@@ -361,6 +370,8 @@ class RunningSequence:
     def accept(self, token: int, logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token (with its log-probability when the request asked for it);
         sets ``finish_reason`` when generation must end."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         self.generated.append(token)
         self.pending_ids.append(token)
         if logprob is not None:
@@ -391,7 +402,10 @@ class RunningSequence:
             self.control.cancel()
 
     def _emit_text(self, text: str) -> None:
-        self.deliver(TextDelta(text, tuple(self.pending_ids), tuple(self.pending_logprobs)))
+        prompt = None
+        if self.prompt_logprobs is not None and not self.prompt_logprobs_sent:
+            prompt, self.prompt_logprobs_sent = self.prompt_logprobs, True
+        self.deliver(TextDelta(text, tuple(self.pending_ids), tuple(self.pending_logprobs), prompt))
         self.pending_ids = []
         if self.pending_logprobs:
             self.pending_logprobs = []
@@ -424,6 +438,7 @@ class RunningSequence:
             stop_string=self.assembler.stop_string,
             logprobs=None if self.request.params.logprobs is None else tuple(self.logprobs or ()),
             prompt_logprobs=self.prompt_logprobs,
+            first_token_at=self.first_token_at,
         )
         self.deliver(Finished(result))
 

@@ -48,6 +48,7 @@ from engine.generation import (
     RunningSequence,
     Sink,
     StreamEvent,
+    TextDelta,
     iter_groups,
     new_sequence,
     tokenize_prompt,
@@ -415,14 +416,19 @@ class Scheduler:
         *,
         allowed: Collection[str] | None = None,
         request_id: str | None = None,
+        text_events: bool = True,
     ) -> GenerationStream:
         """Submit and return the request's async event stream. Call it on the event loop that
-        will iterate the stream."""
+        will iterate the stream. ``text_events=False``: only the ``Finished`` event (a caller
+        that wants the result, not the text as it comes, then costs its loop nothing per
+        token)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
         holder: list[RequestControl] = []
 
         def sink(event: StreamEvent | BaseException) -> None:
+            if not text_events and isinstance(event, TextDelta):
+                return
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the loop is closed: nobody is listening any more

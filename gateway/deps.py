@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit.db import translate_errors
 from contracts.settings import Settings
+from gateway.auth import POLICY_VERSION
 from gateway.errors import UNAVAILABLE, ApiError
 from governance.identity import Identity
 from governance.store import PolicySnapshot
@@ -39,14 +40,18 @@ def provide_identity(request: Request[Any, Any, Any]) -> Identity:
     return user
 
 
-async def provide_snapshot(state: State, db_session: AsyncSession) -> PolicySnapshot:
-    """The current policy; if it cannot be read the request fails closed (503)."""
+async def provide_snapshot(request: Request[Any, Any, Any], state: State) -> PolicySnapshot:
+    """The current policy; if it cannot be read the request fails closed (503).
+
+    The bearer middleware read the version moments ago; when the worker's snapshot is at that
+    version it is the answer, without another read. Otherwise a short session of its own
+    reads (and, if the version moved, reloads) it and gives its connection back at once."""
+    latest: PolicySnapshot | None = state.policy.latest
+    if latest is not None and request.scope.get("state", {}).get(POLICY_VERSION) == latest.version:
+        return latest
     try:
-        async with translate_errors():
-            snapshot: PolicySnapshot = await state.policy.snapshot(db_session)
-            # End the read transaction: its pooled connection goes back now instead of being
-            # held for the whole generation (32 concurrent streams exhausted the pool).
-            await db_session.commit()
+        async with translate_errors(), state.sessionmaker() as session:
+            snapshot: PolicySnapshot = await state.policy.snapshot(session)
             return snapshot
     except Exception as exc:  # fail closed: whatever stops the policy loading stops the request
         log.error("policy snapshot failed: %s", exc)

@@ -26,9 +26,11 @@ from contracts.settings import Settings
 from gateway.guards import route_snapshot
 from gateway.inference.prompts import Tokenizer
 from gateway.inflight import InflightRegistry
+from gateway.versions import VersionReads
 from gateway.workers import WorkerId
 from governance.experts import ensure_registered
 from governance.identity import SYSTEM_REGISTRY, Identity
+from governance.keys import KeyCache
 from governance.oidc import JwtVerifier, OidcSettings
 from governance.store import PolicyStore
 from governance.watcher import PolicyWatcher
@@ -108,11 +110,13 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
 
         oidc = OidcSettings.from_env()
         state.jwt = JwtVerifier(oidc) if oidc is not None else None
+        state.key_cache = KeyCache()
+        state.versions = VersionReads(sessionmaker)
         state.routes = route_snapshot()
         state.policy = PolicyStore()
         inflight = InflightRegistry()
         state.inflight = inflight
-        stack.push_async_callback(_drain_streams, state)
+        stack.push_async_callback(drain_streams, state)
         watcher = PolicyWatcher(sessionmaker, state.policy, interval=settings.policy_poll_s)
         watcher.subscribe(inflight.on_policy_change)
         async with sessionmaker() as session:
@@ -127,7 +131,7 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
             state.ready = False
 
 
-async def _drain_streams(state: Any) -> None:
+async def drain_streams(state: Any) -> None:
     """Records of streams abandoned at shut-down are appended before the writer closes."""
     tasks = list(state.get("stream_tasks") or ())
     if tasks:

@@ -6,12 +6,21 @@ requests running at once. The bucket state lives in the database (`rate_buckets`
 key) and each running request holds a lease row (`rate_leases`), so N workers of one server,
 or servers on several hosts sharing one PostgreSQL, draw from the same buckets:
 
-- admission is one short transaction that locks the key's bucket row (PostgreSQL: row lock;
-  SQLite: the write lock, taken by the transaction's first statement), refills it for the time
-  since it was last touched, checks the three limits and takes one request, the estimated
-  tokens (prompt + max_tokens) and a lease;
+- admission locks the key's bucket row (PostgreSQL: row lock; SQLite: the write lock, taken
+  by the transaction's first statement), refills it for the time since it was last touched,
+  checks the three limits and takes one request, the estimated tokens (prompt + max_tokens)
+  and a lease;
 - `Admission.release(actual_tokens)` drops the lease and settles the token bucket with what the
-  request really used (refund or debt).
+  request really used (refund or debt). The gateway calls `release_soon` once the record is
+  durable, so the response does not wait for it.
+
+Each worker queues its admissions and releases and applies all those waiting at once in one
+short transaction (`Limiter`), in arrival order, so a release is always applied before the
+same worker's later admissions, and under load a worker pays one transaction per batch.
+
+A key's limits are read once per policy version (`policy_version` of `admit`): setting them
+is a governance change, which moves the version. A key whose three limits are off costs no
+database work at all.
 
 Clocks: refill uses each process's wall clock. Workers of one host share it; hosts must keep
 their clocks in step (NTP), and a host whose clock runs behind refills a little late, never
@@ -24,6 +33,8 @@ crash can lose the last few milliseconds of bucket updates, which only errs towa
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import os
 import socket
@@ -31,21 +42,24 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, event, func, select, text, update
+from sqlalchemy import Table, bindparam, delete, event, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from audit.db import is_sqlite, make_engine, make_sessionmaker
+from audit.db import is_sqlite, make_engine, make_sessionmaker, translate_errors
 from contracts.settings import Settings
 from gateway.errors import RATE_LIMIT, ApiError
 from gateway.rate_state import RateBucket, RateLease
 from governance.identity import Identity
 from governance.key_limits import KeyLimit
 
+log = logging.getLogger(__name__)
+
 WINDOW_S = 60.0  # rpm and tpm are per minute
+_LIMITS_MEMO = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,12 +155,27 @@ class Admission:
 
         `actual_tokens` None keeps the estimate. Idempotent: a second call does nothing.
         """
+        done = self._queue_release(actual_tokens)
+        if done is not None:
+            await done
+
+    def release_soon(self, actual_tokens: int | None = None) -> None:
+        """`release` without waiting for it, so that a response need not wait: it is queued
+        at once, before any later admission of this process (a client's next request never
+        meets its own lease); other processes see the lease go a few milliseconds later,
+        which can only refuse too much, never admit it. A failure is logged."""
+        done = self._queue_release(actual_tokens)
+        if done is not None:
+            done.add_done_callback(_log_failure)
+
+    def _queue_release(self, actual_tokens: int | None) -> asyncio.Future[None] | None:
         if self._released:
-            return
+            return None
         self._released = True
-        if self.limiter is not None:
-            used = self.estimated_tokens if actual_tokens is None else max(0, int(actual_tokens))
-            await self.limiter._release(self, used)
+        if self.limiter is None:
+            return None
+        used = self.estimated_tokens if actual_tokens is None else max(0, int(actual_tokens))
+        return self.limiter._release(self, used)
 
     async def __aenter__(self) -> Admission:
         return self
@@ -170,8 +199,74 @@ def _relaxed_sqlite(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+_EMPTY = {"requests": 0.0, "tokens": 0.0, "at": 0.0}
+
+
+class _Statements:
+    """The limiter's statements, built once (Core, on the tables; only parameters vary)."""
+
+    def __init__(self, postgresql: bool) -> None:
+        buckets = cast(Table, RateBucket.__table__)
+        leases = cast(Table, RateLease.__table__)
+        insert = pg_insert if postgresql else sqlite_insert
+        upsert = insert(buckets)
+        self.lock = upsert.on_conflict_do_update(
+            index_elements=[buckets.c.key], set_={"at": buckets.c.at}
+        ).returning(buckets.c.requests, buckets.c.tokens, buckets.c.at)
+        self.store = (
+            update(buckets)
+            .where(buckets.c.key == bindparam("b_key"))
+            .values(
+                requests=bindparam("b_requests"),
+                tokens=bindparam("b_tokens"),
+                at=bindparam("b_at"),
+            )
+        )
+        self.running = (
+            select(func.count())
+            .select_from(leases)
+            .where(leases.c.key == bindparam("key"), leases.c.expires > bindparam("now"))
+        )
+        self.drop = delete(leases).where(leases.c.id.in_(bindparam("ids", expanding=True)))
+        self.lease = leases.insert()
+
+
+@dataclass
+class _Release:
+    key: str
+    lease_id: str | None
+    refund: int
+    """Tokens to give back (negative: debt), when the key has a tpm limit."""
+    done: asyncio.Future[None]
+
+
+@dataclass
+class _Admit:
+    key: str
+    limits: EffectiveLimits
+    estimated: int
+    done: asyncio.Future[Admission]
+
+
+@dataclass
+class _Bucket:
+    requests: float
+    tokens: float
+    at: float
+    running: int | None = None
+    """Leases of the key that have not expired (counted only when a parallel limit asks)."""
+
+
 class Limiter:
-    """The limits of one process; one per worker, sharing state through the database."""
+    """The limits of one process; one per worker, sharing state through the database.
+
+    Admissions and releases are queued and applied by one task, all those waiting at once in
+    one transaction (keys locked in sorted order, so transactions of different workers never
+    deadlock): under load a worker pays one locked transaction per batch, not two per
+    request, and its own requests never queue on the database's write lock behind each
+    other. Each admission is decided in arrival order, exactly as if it had its own
+    transaction at the same instant.
+    """
 
     def __init__(
         self,
@@ -193,8 +288,16 @@ class Limiter:
         self.defaults = EffectiveLimits(
             settings.rate_rpm, settings.rate_tpm, settings.rate_max_parallel
         )
+        self._limits_version: int | None = None
+        self._known_limits: dict[str | None, EffectiveLimits] = {}
+        self._queue: list[_Release | _Admit] = []
+        self._runner: asyncio.Task[None] | None = None
+        self._sql = _Statements(self._pg)
 
     async def close(self) -> None:
+        """Apply what is queued, then let go of the database."""
+        while self._runner is not None and not self._runner.done():
+            await asyncio.wait({self._runner})
         if self._own_engine:
             await self.engine.dispose()
 
@@ -213,113 +316,193 @@ class Limiter:
             d.max_parallel if row.max_parallel is None else row.max_parallel,
         )
 
+    async def _limits(self, key_id: str | None, version: int | None) -> EffectiveLimits:
+        """The key's limits, read once per policy version (`set_limits` is a governance
+        change: it moves the version, which drops what was read before)."""
+        if version is not None and version == self._limits_version:
+            known = self._known_limits.get(key_id)
+            if known is not None:
+                return known
+        async with self._sessions() as session:
+            limits = await self.limits_for(session, key_id)
+        if version is not None:
+            if version != self._limits_version:
+                self._known_limits.clear()
+                self._limits_version = version
+            if len(self._known_limits) >= _LIMITS_MEMO:
+                self._known_limits.clear()
+            self._known_limits[key_id] = limits
+        return limits
+
     async def admit(
-        self, identity: Identity, key_id: str | None, estimated_tokens: int
+        self,
+        identity: Identity,
+        key_id: str | None,
+        estimated_tokens: int,
+        *,
+        policy_version: int | None = None,
     ) -> Admission:
-        """Admit one request of `estimated_tokens` (prompt + max_tokens), or RateLimited."""
+        """Admit one request of `estimated_tokens` (prompt + max_tokens), or RateLimited.
+
+        `policy_version`: the version the request was admitted at; the key's limits are then
+        read once per version instead of on every request (None: read them now)."""
         key = bucket_key(identity, key_id)
         estimated = max(0, int(estimated_tokens))
-        insert = pg_insert if self._pg else sqlite_insert
-        async with self._sessions() as session, session.begin():
-            await self._begin(session)
-            # A write first: it takes SQLite's write lock before anything is read, so the
-            # read below cannot go stale (the same order as governance.changes).
-            await session.execute(
-                insert(RateBucket)
-                .values(key=key, requests=0.0, tokens=0.0, at=0.0)
-                .on_conflict_do_nothing(index_elements=["key"])
-            )
-            limits = await self.limits_for(session, key_id)
-            if limits.off:
-                return Admission(None, key, limits, estimated, None)
-            row = (
-                await session.execute(
-                    select(RateBucket.requests, RateBucket.tokens, RateBucket.at)
-                    .where(RateBucket.key == key)
-                    .with_for_update()
-                )
-            ).one()
-            now = self.clock()
-            elapsed = now - float(row.at)
-            requests = _refill(float(row.requests), limits.rpm, elapsed) if limits.rpm else 0.0
-            tokens = _refill(float(row.tokens), limits.tpm, elapsed) if limits.tpm else 0.0
-            headers = _headers(limits, requests, tokens)
-            if limits.max_parallel:
-                running = await session.scalar(
-                    select(func.count())
-                    .select_from(RateLease)
-                    .where(RateLease.key == key, RateLease.expires > now)
-                )
-                if int(running or 0) >= limits.max_parallel:
-                    raise RateLimited(
-                        f"too many requests at once: this key may run {limits.max_parallel} "
-                        "at a time",
-                        limit="parallel",
-                        retry_after=1,
-                        headers=headers,
-                    )
-            if limits.rpm and requests < 1.0:
-                wait = (1.0 - requests) * WINDOW_S / limits.rpm
-                raise RateLimited(
-                    f"rate limit reached: {limits.rpm} requests per minute for this key",
-                    limit="requests",
-                    retry_after=max(1, math.ceil(wait)),
-                    headers=headers,
-                )
-            if limits.tpm and estimated > limits.tpm:
-                raise RateLimited(
-                    f"request too large: it may use {estimated} tokens (prompt + max_tokens), "
-                    f"this key's limit is {limits.tpm} tokens per minute",
-                    limit="tokens",
-                    retry_after=None,
-                    headers=headers,
-                )
-            if limits.tpm and tokens < estimated:
-                wait = (estimated - tokens) * WINDOW_S / limits.tpm
-                raise RateLimited(
-                    f"rate limit reached: {limits.tpm} tokens per minute for this key "
-                    f"(this request may use {estimated})",
-                    limit="tokens",
-                    retry_after=max(1, math.ceil(wait)),
-                    headers=headers,
-                )
-            if limits.rpm:
-                requests -= 1.0
-            if limits.tpm:
-                tokens -= estimated
-            await session.execute(
-                update(RateBucket)
-                .where(RateBucket.key == key)
-                .values(requests=requests, tokens=tokens, at=now)
-            )
-            lease_id: str | None = None
-            if limits.max_parallel:
-                lease_id = uuid.uuid4().hex
-                session.add(
-                    RateLease(
-                        id=lease_id,
-                        key=key,
-                        owner=self.owner,
-                        started=now,
-                        expires=now + self.settings.rate_lease_seconds,
-                    )
-                )
-        return Admission(self, key, limits, estimated, lease_id, _headers(limits, requests, tokens))
+        limits = await self._limits(key_id, policy_version)
+        if limits.off:
+            return Admission(None, key, limits, estimated, None)
+        done: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Admit(key, limits, estimated, done))
+        return await done
 
-    async def _release(self, admission: Admission, used: int) -> None:
-        delta = admission.estimated_tokens - used
-        if admission.lease_id is None and not (admission.limits.tpm and delta):
-            return
-        async with self._sessions() as session, session.begin():
+    def _release(self, admission: Admission, used: int) -> asyncio.Future[None] | None:
+        """Queue the release of `admission` (None: nothing to write)."""
+        refund = admission.estimated_tokens - used if admission.limits.tpm else 0
+        if admission.lease_id is None and not refund:
+            return None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Release(admission.key, admission.lease_id, refund, done))
+        return done
+
+    # -- the one task that writes -------------------------------------------------------------
+
+    def _enqueue(self, op: _Release | _Admit) -> None:
+        self._queue.append(op)
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.get_running_loop().create_task(self._run(), name="rate-limiter")
+
+    async def _run(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                outcomes = await self._apply(batch)
+            except Exception as exc:  # the database failed: every waiting request fails
+                for op in batch:
+                    if not op.done.done():
+                        op.done.set_exception(exc)
+                continue
+            for op, outcome in zip(batch, outcomes, strict=True):
+                if op.done.done():  # its request went away meanwhile
+                    if isinstance(outcome, Admission):
+                        outcome.release_soon(0)  # admitted for nobody: give it all back
+                    continue
+                if isinstance(outcome, BaseException):
+                    op.done.set_exception(outcome)
+                else:
+                    op.done.set_result(outcome)
+
+    async def _apply(self, batch: list[_Release | _Admit]) -> list[Any]:
+        """One transaction for `batch`: releases first (they only free), then admissions in
+        arrival order. Returns, per op, None (release), an Admission or a RateLimited."""
+        sql = self._sql
+        keys = sorted({op.key for op in batch})
+        outcomes: list[Any] = [None] * len(batch)
+        async with translate_errors(), self._sessions() as session, session.begin():
             await self._begin(session)
-            if admission.lease_id is not None:
-                await session.execute(delete(RateLease).where(RateLease.id == admission.lease_id))
-            if admission.limits.tpm and delta:
-                await session.execute(
-                    update(RateBucket)
-                    .where(RateBucket.key == admission.key)
-                    .values(tokens=RateBucket.tokens + delta)
-                )
+            buckets: dict[str, _Bucket] = {}
+            for key in keys:
+                # One statement creates the key's row or locks it, and reads it: a write, so
+                # on SQLite it takes the write lock before anything is read (the read cannot
+                # go stale; the same order as governance.changes), on PostgreSQL the row lock.
+                row = (await session.execute(sql.lock, {"key": key, **_EMPTY})).one()
+                buckets[key] = _Bucket(float(row.requests), float(row.tokens), float(row.at))
+            now = self.clock()
+            dropped = [op.lease_id for op in batch if isinstance(op, _Release) and op.lease_id]
+            if dropped:
+                await session.execute(sql.drop, {"ids": dropped})
+            for op in batch:
+                if isinstance(op, _Release):
+                    buckets[op.key].tokens += op.refund  # refilled (and capped) when next read
+            leases: list[dict[str, Any]] = []
+            for i, op in enumerate(batch):
+                if not isinstance(op, _Admit):
+                    continue
+                bucket = buckets[op.key]
+                if op.limits.max_parallel and bucket.running is None:
+                    counted = await session.scalar(sql.running, {"key": op.key, "now": now})
+                    bucket.running = int(counted or 0)
+                outcome = outcomes[i] = self._decide(op, bucket, now)
+                if isinstance(outcome, Admission) and outcome.lease_id is not None:
+                    leases.append(
+                        {
+                            "id": outcome.lease_id,
+                            "key": op.key,
+                            "owner": self.owner,
+                            "started": now,
+                            "expires": now + self.settings.rate_lease_seconds,
+                        }
+                    )
+            await session.execute(
+                sql.store,
+                [
+                    {"b_key": k, "b_requests": b.requests, "b_tokens": b.tokens, "b_at": b.at}
+                    for k, b in buckets.items()
+                ],
+            )
+            if leases:
+                await session.execute(sql.lease, leases)
+        return outcomes
+
+    def _decide(self, op: _Admit, bucket: _Bucket, now: float) -> Admission | RateLimited:
+        """Refill the key's buckets to `now`, check the three limits, take this request."""
+        limits, estimated = op.limits, op.estimated
+        elapsed = now - bucket.at
+        bucket.at = max(bucket.at, now)
+        requests = _refill(bucket.requests, limits.rpm, elapsed) if limits.rpm else 0.0
+        tokens = _refill(bucket.tokens, limits.tpm, elapsed) if limits.tpm else 0.0
+        if limits.rpm:
+            bucket.requests = requests
+        if limits.tpm:
+            bucket.tokens = tokens
+        headers = _headers(limits, requests, tokens)
+        if limits.max_parallel and (bucket.running or 0) >= limits.max_parallel:
+            return RateLimited(
+                f"too many requests at once: this key may run {limits.max_parallel} at a time",
+                limit="parallel",
+                retry_after=1,
+                headers=headers,
+            )
+        if limits.rpm and requests < 1.0:
+            wait = (1.0 - requests) * WINDOW_S / limits.rpm
+            return RateLimited(
+                f"rate limit reached: {limits.rpm} requests per minute for this key",
+                limit="requests",
+                retry_after=max(1, math.ceil(wait)),
+                headers=headers,
+            )
+        if limits.tpm and estimated > limits.tpm:
+            return RateLimited(
+                f"request too large: it may use {estimated} tokens (prompt + max_tokens), "
+                f"this key's limit is {limits.tpm} tokens per minute",
+                limit="tokens",
+                retry_after=None,
+                headers=headers,
+            )
+        if limits.tpm and tokens < estimated:
+            wait = (estimated - tokens) * WINDOW_S / limits.tpm
+            return RateLimited(
+                f"rate limit reached: {limits.tpm} tokens per minute for this key "
+                f"(this request may use {estimated})",
+                limit="tokens",
+                retry_after=max(1, math.ceil(wait)),
+                headers=headers,
+            )
+        if limits.rpm:
+            bucket.requests -= 1.0
+        if limits.tpm:
+            bucket.tokens -= estimated
+        lease_id: str | None = None
+        if limits.max_parallel:
+            lease_id = uuid.uuid4().hex
+            bucket.running = (bucket.running or 0) + 1
+        return Admission(
+            self,
+            op.key,
+            limits,
+            estimated,
+            lease_id,
+            _headers(limits, bucket.requests, bucket.tokens),
+        )
 
     async def reap_dead_leases(self) -> int:
         """Drop leases held by processes of this host that no longer run (server start)."""
@@ -335,6 +518,11 @@ class Limiter:
                 return 0
             result = await session.execute(delete(RateLease).where(RateLease.owner.in_(dead)))
             return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _log_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("rate-limit release failed: %s", done.exception())
 
 
 def _alive(owner: str) -> bool:

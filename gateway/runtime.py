@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 
 from contracts.settings import Settings
+from gateway.lifespan import drain_streams
 from gateway.limits import Limiter
 from gateway.telemetry import Telemetry
 
@@ -34,5 +35,8 @@ async def runtime_lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.limiter = limiter
         yield
     finally:
+        # Streams abandoned at shut-down release their rate leases as they end: let them end
+        # before the limiter closes (their records go to the ledger, which closes later).
+        await drain_streams(app.state)
         await limiter.close()
         telemetry.shutdown()

@@ -1,9 +1,10 @@
-"""OpenTelemetry traces and metrics of one server process, and their Prometheus text.
+"""OpenTelemetry traces and metrics of one server, and their Prometheus text.
 
 Traces: a span per HTTP request (`TelemetryMiddleware`; W3C `traceparent` from the caller is
 continued), and inside it the spans the request flow opens with `Telemetry.span`: `auth`,
 `policy`, `engine`, `ledger`. Span ids are generated whether or not anything is exported, so
-every ledger record can carry its request's trace id (`current_trace_id`).
+every ledger record can carry its request's trace id (`current_trace_id`); spans are only
+recorded (attributes, timings) when something exports them.
 
 Metrics follow the OpenTelemetry GenAI semantic conventions (server side):
 `gen_ai.server.request.duration`, `gen_ai.server.time_to_first_token`,
@@ -14,33 +15,40 @@ Metrics follow the OpenTelemetry GenAI semantic conventions (server side):
 `key_id`), `flexgate.requests` (by operation and status) and `flexgate.ratelimit.rejected`.
 Inference spans carry `gen_ai.usage.input_tokens` / `gen_ai.usage.output_tokens`.
 
-Export: OTLP over HTTP/protobuf to OTEL_EXPORTER_OTLP_ENDPOINT when it is set, nothing at all
-otherwise. The same metrics are always readable at GET /metrics in Prometheus text (names with
-dots turned into underscores and the unit appended, e.g.
-`gen_ai_server_request_duration_seconds`). Providers are per Telemetry object, not global, so
-several apps in one process (tests) never share or clash.
+Each metric is declared once (`METRICS`) and recorded into two places:
+- Prometheus (prometheus_client), always: GET /metrics, names with dots as underscores and
+  the unit appended (`gen_ai_server_request_duration_seconds`, `flexgate_expert_tokens_total`).
+  Under `flexgate serve` every worker writes its values to the server's metrics folder
+  (`Settings.metrics_dir`, prometheus_client's multiprocess mode) and /metrics sums the
+  folder, so any worker answers for the whole server. Without it (an app in a test) each
+  Telemetry has a registry of its own, so several apps in one process never clash.
+- OpenTelemetry, only when OTEL_EXPORTER_OTLP_ENDPOINT is set: OTLP over HTTP/protobuf,
+  pushed by every worker (with its own `service.instance.id`). Nothing is exported otherwise.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from contracts.settings import Settings
 
@@ -53,7 +61,67 @@ _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12,
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5)
 _TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+_GENAI = ("gen_ai.operation.name", "gen_ai.request.model")
 _propagator = TraceContextTextMapPropagator()
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One metric, as OpenTelemetry names it; the Prometheus name and labels follow."""
+
+    name: str
+    unit: str
+    description: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] | None = None
+    """Histogram bounds; None: a counter."""
+
+    @property
+    def prometheus_name(self) -> str:
+        base = self.name.replace(".", "_")
+        return f"{base}_seconds" if self.unit == "s" else base
+
+
+METRICS: dict[str, Metric] = {
+    "request_duration": Metric(
+        "gen_ai.server.request.duration", "s", "GenAI request duration", _GENAI, _DURATION_BUCKETS
+    ),
+    "ttft": Metric(
+        "gen_ai.server.time_to_first_token", "s", "Time to first token", _GENAI, _TTFT_BUCKETS
+    ),
+    "tpot": Metric(
+        "gen_ai.server.time_per_output_token",
+        "s",
+        "Time per output token after the first",
+        _GENAI,
+        _TPOT_BUCKETS,
+    ),
+    "token_usage": Metric(
+        "gen_ai.client.token.usage",
+        "{token}",
+        "Tokens per request",
+        (*_GENAI, "gen_ai.token.type"),
+        tuple(float(b) for b in _TOKEN_BUCKETS),
+    ),
+    "expert_tokens": Metric(
+        "flexgate.expert.tokens",
+        "{token}",
+        "(token, layer) selections of each expert",
+        ("expert", "key_id"),
+    ),
+    "expert_weight": Metric(
+        "flexgate.expert.weight", "1", "Router probability mass per expert", ("expert", "key_id")
+    ),
+    "requests": Metric(
+        "flexgate.requests", "{request}", "Inference requests by status", (*_GENAI, "status")
+    ),
+    "rejected": Metric(
+        "flexgate.ratelimit.rejected",
+        "{request}",
+        "Requests refused by a rate limit",
+        ("limit", "key_id"),
+    ),
+}
 
 
 def current_trace_id() -> str | None:
@@ -62,20 +130,68 @@ def current_trace_id() -> str | None:
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
-def _views() -> list[View]:
-    def hist(name: str, bounds: tuple[float, ...]) -> View:
-        return View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(bounds))
+class _Instrument:
+    """One metric in Prometheus and, when exporting, in OpenTelemetry."""
 
+    def __init__(self, spec: Metric, meter: Any, registry: CollectorRegistry | None) -> None:
+        self.spec = spec
+        labels = [name.replace(".", "_") for name in spec.labels]
+        self.prometheus: Histogram | Counter
+        if spec.buckets is not None:
+            self.prometheus = Histogram(
+                spec.prometheus_name,
+                spec.description,
+                labels,
+                buckets=spec.buckets,
+                registry=registry,
+            )
+        else:
+            self.prometheus = Counter(
+                spec.prometheus_name, spec.description, labels, registry=registry
+            )
+        self.otel: Any = None
+        if meter is not None:
+            make = meter.create_histogram if spec.buckets is not None else meter.create_counter
+            self.otel = make(spec.name, unit=spec.unit, description=spec.description)
+
+    def record(self, value: float, attributes: Mapping[str, str]) -> None:
+        child = self.prometheus.labels(*(attributes[name] for name in self.spec.labels))
+        if isinstance(child, Histogram):
+            child.observe(value)
+        else:
+            child.inc(value)
+        if self.otel is not None:
+            (self.otel.record if self.spec.buckets is not None else self.otel.add)(
+                value, dict(attributes)
+            )
+
+
+def _views() -> list[View]:
     return [
-        hist("gen_ai.server.request.duration", _DURATION_BUCKETS),
-        hist("gen_ai.server.time_to_first_token", _TTFT_BUCKETS),
-        hist("gen_ai.server.time_per_output_token", _TPOT_BUCKETS),
-        hist("gen_ai.client.token.usage", tuple(float(b) for b in _TOKEN_BUCKETS)),
+        View(
+            instrument_name=m.name,
+            aggregation=ExplicitBucketHistogramAggregation(m.buckets),
+        )
+        for m in METRICS.values()
+        if m.buckets is not None
     ]
 
 
+def _multiprocess(settings: Settings) -> bool:
+    """Is this process writing its metrics to the server's folder?"""
+    if settings.metrics_dir is None:
+        return False
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        # prometheus_client picks its storage when imported; `flexgate serve` sets
+        # PROMETHEUS_MULTIPROC_DIR before any worker imports it.
+        raise RuntimeError(
+            "PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported"
+        )
+    return True
+
+
 class Telemetry:
-    """Tracer, meter and instruments of one app; `shutdown` flushes and stops exporters."""
+    """Tracer and metrics of one app; `shutdown` flushes and stops exporters."""
 
     def __init__(
         self,
@@ -85,10 +201,9 @@ class Telemetry:
         metric_readers: list[MetricReader] | None = None,
         service_name: str = "flexgate",
     ) -> None:
-        resource = Resource.create({"service.name": service_name})
-        self.exporting = bool(settings.otel_endpoint) or span_exporter is not None
-        self.tracer_provider = TracerProvider(resource=resource)
-        self._span_processor: SpanProcessor | None = None
+        resource = Resource.create(
+            {"service.name": service_name, "service.instance.id": uuid.uuid4().hex}
+        )
         readers: list[MetricReader] = list(metric_readers or [])
         if settings.otel_endpoint:
             base = settings.otel_endpoint.rstrip("/")
@@ -101,56 +216,55 @@ class Telemetry:
             readers.append(
                 PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{base}/v1/metrics"))
             )
+        self.exporting = span_exporter is not None or bool(readers)
+        # Not exporting: spans still get ids (the ledger's trace_id) but record nothing;
+        # exporting: the SDK's default sampler (OTEL_TRACES_SAMPLER, else parent-based on).
+        self.tracer_provider = TracerProvider(
+            resource=resource, sampler=None if span_exporter is not None else ALWAYS_OFF
+        )
+        self._span_processor: SpanProcessor | None = None
+        self.tracing = span_exporter is not None
+        """Are spans exported (and so worth recording)?"""
         if span_exporter is not None:
             self._span_processor = BatchSpanProcessor(span_exporter)
             self.tracer_provider.add_span_processor(self._span_processor)
-        self.registry = CollectorRegistry(auto_describe=True)
-        readers.append(PrometheusMetricReader(registry=self.registry))
-        self.meter_provider = MeterProvider(
-            resource=resource, metric_readers=readers, views=_views()
+        self.meter_provider: MeterProvider | None = (
+            MeterProvider(resource=resource, metric_readers=readers, views=_views())
+            if readers
+            else None
         )
+        meter = (
+            None
+            if self.meter_provider is None
+            else self.meter_provider.get_meter("flexgate.gateway")
+        )
+        self.metrics_dir = settings.metrics_dir if _multiprocess(settings) else None
+        own = None if self.metrics_dir is not None else CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry() if own is None else own
+        if self.metrics_dir is not None:
+            MultiProcessCollector(self.registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
+        self.instruments = {k: _Instrument(m, meter, own) for k, m in METRICS.items()}
         self.tracer = self.tracer_provider.get_tracer("flexgate.gateway")
-        m = self.meter_provider.get_meter("flexgate.gateway")
-        self.request_duration = m.create_histogram(
-            "gen_ai.server.request.duration", unit="s", description="GenAI request duration"
-        )
-        self.ttft = m.create_histogram(
-            "gen_ai.server.time_to_first_token", unit="s", description="Time to first token"
-        )
-        self.tpot = m.create_histogram(
-            "gen_ai.server.time_per_output_token",
-            unit="s",
-            description="Time per output token after the first",
-        )
-        self.token_usage = m.create_histogram(
-            "gen_ai.client.token.usage", unit="{token}", description="Tokens per request"
-        )
-        self.expert_tokens = m.create_counter(
-            "flexgate.expert.tokens",
-            unit="{token}",
-            description="(token, layer) selections of each expert",
-        )
-        self.expert_weight = m.create_counter(
-            "flexgate.expert.weight", unit="1", description="Router probability mass per expert"
-        )
-        self.requests = m.create_counter(
-            "flexgate.requests", unit="{request}", description="Inference requests by status"
-        )
-        self.rejected = m.create_counter(
-            "flexgate.ratelimit.rejected",
-            unit="{request}",
-            description="Requests refused by a rate limit",
-        )
 
     # -- traces ---------------------------------------------------------------------------
 
     @contextmanager
     def span(self, name: str, **attributes: Any) -> Iterator[Span]:
-        """A child span of the current one (`auth`, `policy`, `engine`, `ledger`, …)."""
+        """A child span of the current one (`auth`, `policy`, `engine`, `ledger`, …); when no
+        span is exported, the current span itself (a child would record nothing, and the
+        trace id, all a record needs, is the request span's)."""
+        if not self.tracing:
+            yield trace.get_current_span()
+            return
         with self.tracer.start_as_current_span(
             name, attributes={k: v for k, v in attributes.items() if v is not None}
         ) as span:
             yield span
+
+    def start_span(self, name: str, **attributes: Any) -> Span | None:
+        """A child span to end by hand (the engine's, which outlives its handler); None when
+        no span is exported."""
+        return self.tracer.start_span(name, attributes=attributes) if self.tracing else None
 
     # -- metrics --------------------------------------------------------------------------
 
@@ -169,24 +283,27 @@ class Telemetry:
         span: Span | None = None,
     ) -> None:
         """Record one finished inference request (also on the current span, if any)."""
+        m = self.instruments
         attrs = {"gen_ai.operation.name": operation, "gen_ai.request.model": model}
-        self.request_duration.record(duration_s, attrs)
-        self.token_usage.record(input_tokens, {**attrs, "gen_ai.token.type": "input"})
-        self.token_usage.record(output_tokens, {**attrs, "gen_ai.token.type": "output"})
+        m["request_duration"].record(duration_s, attrs)
+        m["token_usage"].record(input_tokens, {**attrs, "gen_ai.token.type": "input"})
+        m["token_usage"].record(output_tokens, {**attrs, "gen_ai.token.type": "output"})
         if ttft_s is not None:
-            self.ttft.record(ttft_s, attrs)
+            m["ttft"].record(ttft_s, attrs)
             if output_tokens > 1:
-                self.tpot.record(max(0.0, duration_s - ttft_s) / (output_tokens - 1), attrs)
-        self.requests.add(1, {**attrs, "status": status})
+                m["tpot"].record(max(0.0, duration_s - ttft_s) / (output_tokens - 1), attrs)
+        m["requests"].record(1, {**attrs, "status": status})
         key = key_id or "none"
         for expert, value in usage.items():
             if isinstance(value, Mapping):
                 tokens, weight = int(value.get("tokens", 0)), float(value.get("weight", 0.0))
             else:
                 tokens, weight = int(value[0]), float(value[1])
+            if not tokens:  # an excluded or unused expert: nothing to add
+                continue
             labels = {"expert": expert, "key_id": key}
-            self.expert_tokens.add(tokens, labels)
-            self.expert_weight.add(weight, labels)
+            m["expert_tokens"].record(tokens, labels)
+            m["expert_weight"].record(weight, labels)
         target = span if span is not None else trace.get_current_span()
         if target.is_recording():
             target.set_attributes(
@@ -198,7 +315,7 @@ class Telemetry:
             )
 
     def record_rejection(self, limit: str, key_id: str | None) -> None:
-        self.rejected.add(1, {"limit": limit, "key_id": key_id or "none"})
+        self.instruments["rejected"].record(1, {"limit": limit, "key_id": key_id or "none"})
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
@@ -207,7 +324,8 @@ class Telemetry:
         """Flush what is pending to the OTLP endpoint (if any) and stop the exporters."""
         try:
             self.tracer_provider.shutdown()
-            self.meter_provider.shutdown()
+            if self.meter_provider is not None:
+                self.meter_provider.shutdown()
         except Exception:  # an unreachable collector must not fail a server's shutdown
             log.warning("telemetry shutdown failed", exc_info=True)
 

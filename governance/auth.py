@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from governance.errors import AuthenticationFailed
 from governance.identity import Identity
-from governance.keys import authenticate_key, looks_like_key
+from governance.keys import KeyCache, authenticate_key, looks_like_key
 from governance.oidc import JwtVerifier
 
 
@@ -33,10 +33,18 @@ async def authenticate(
     *,
     jwt: JwtVerifier | None = None,
     now: datetime | None = None,
+    keys: KeyCache | None = None,
+    version: int | None = None,
 ) -> Identity:
-    """Who sent this `Authorization` header value (see module docstring)."""
+    """Who sent this `Authorization` header value (see module docstring).
+
+    With `keys` (and `version`, the policy version just read in `session`), a key already
+    authenticated at that version is answered from the process's KeyCache.
+    """
     token = bearer_token(authorization)
     if looks_like_key(token):
+        if keys is not None and version is not None:
+            return await keys.authenticate_key(session, token, version=version, now=now)
         return await authenticate_key(session, token, now=now)
     if jwt is not None and token.count(".") == 2:
         return await jwt.verify(token)

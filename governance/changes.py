@@ -61,10 +61,15 @@ class Change:
         raise _NothingToDo
 
 
+_VERSION = select(PolicyState.__table__.c.version).where(
+    PolicyState.__table__.c.id == POLICY_STATE_ID
+)
+"""Built once: every request reads the version, and building the statement (ORM attribute
+comparisons, coercions) cost more than running it."""
+
+
 async def read_version(session: AsyncSession) -> int:
-    value = (
-        await session.execute(select(PolicyState.version).where(PolicyState.id == POLICY_STATE_ID))
-    ).scalar_one_or_none()
+    value = (await session.execute(_VERSION)).scalar_one_or_none()
     if value is None:
         raise RuntimeError("policy_state row is missing: run `flexgate db upgrade`")
     return int(value)

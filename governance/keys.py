@@ -15,6 +15,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import or_, select, update
@@ -152,14 +153,9 @@ async def identity_of_key(
     return await _identity_of(session, row, now or datetime.now(UTC))
 
 
-async def authenticate_key(
-    session: AsyncSession, token: str, *, now: datetime | None = None
-) -> Identity:
-    """The principal a key belongs to, or AuthenticationFailed (unknown, expired, revoked).
-
-    Commits the session: it records the last-used time (at most once a minute per key).
-    """
-    now = now or datetime.now(UTC)
+async def _authenticate_row(
+    session: AsyncSession, token: str, now: datetime
+) -> tuple[ApiKey, Identity]:
     parsed = parse_token(token)
     if parsed is None:
         raise AuthenticationFailed("malformed API key")
@@ -169,18 +165,92 @@ async def authenticate_key(
     if not hmac.compare_digest(presented, row.secret_hash if row is not None else _DUMMY_HASH):
         raise AuthenticationFailed("unknown API key")
     assert row is not None
-    identity = await _identity_of(session, row, now)
-    if row.last_used_at is None or row.last_used_at <= now - LAST_USED_RESOLUTION:
-        await session.execute(
-            update(ApiKey)
-            .where(ApiKey.id == key_id)
-            .where(
-                or_(
-                    ApiKey.last_used_at.is_(None),
-                    ApiKey.last_used_at <= now - LAST_USED_RESOLUTION,
-                )
+    return row, await _identity_of(session, row, now)
+
+
+async def _note_used(session: AsyncSession, key_id: str, now: datetime) -> None:
+    """Write `last_used_at` (at most once per LAST_USED_RESOLUTION, whoever else writes it)."""
+    await session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id)
+        .where(
+            or_(
+                ApiKey.last_used_at.is_(None),
+                ApiKey.last_used_at <= now - LAST_USED_RESOLUTION,
             )
-            .values(last_used_at=now)
         )
+        .values(last_used_at=now)
+    )
+
+
+def _due(last_used: datetime | None, now: datetime) -> bool:
+    return last_used is None or last_used <= now - LAST_USED_RESOLUTION
+
+
+async def authenticate_key(
+    session: AsyncSession, token: str, *, now: datetime | None = None
+) -> Identity:
+    """The principal a key belongs to, or AuthenticationFailed (unknown, expired, revoked).
+
+    Commits the session: it records the last-used time (at most once a minute per key).
+    """
+    now = now or datetime.now(UTC)
+    row, identity = await _authenticate_row(session, token, now)
+    if _due(row.last_used_at, now):
+        await _note_used(session, row.id, now)
     await session.commit()
     return identity
+
+
+@dataclass(slots=True)
+class _Known:
+    identity: Identity
+    expires_at: datetime | None
+    last_used_at: datetime | None
+
+
+class KeyCache:
+    """Keys one process has authenticated, good for one policy version.
+
+    Every change to a key, its principal or its limits is a governance change, which bumps the
+    policy version in its own transaction (governance.changes). A caller that reads the
+    version on every request (the gateway does: its policy snapshot needs it) can therefore
+    trust a key it authenticated at that same version: when anything moves, in any process,
+    the version moves and the whole cache is dropped. So a revocation still applies to the
+    next request, while an unchanged policy costs no key or principal read. Expiry is checked
+    against the clock on every use; failures are never kept (an unknown or revoked key is
+    read, and refused, every time).
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._version: int | None = None
+        self._known: dict[str, _Known] = {}
+
+    async def authenticate_key(
+        self, session: AsyncSession, token: str, *, version: int, now: datetime | None = None
+    ) -> Identity:
+        """`authenticate_key`, from the cache when this key was seen at `version` (the policy
+        version the caller read in `session` for this request)."""
+        now = now or datetime.now(UTC)
+        if version != self._version:
+            self._known.clear()
+            self._version = version
+        digest = hash_token(token)
+        known = self._known.get(digest)
+        if known is None:
+            row, identity = await _authenticate_row(session, token, now)
+            known = _Known(identity, row.expires_at, row.last_used_at)
+            if len(self._known) >= self.limit:
+                self._known.clear()
+            if self._version == version:  # not moved on by a newer request meanwhile
+                self._known[digest] = known
+        elif known.expires_at is not None and known.expires_at <= now:
+            del self._known[digest]
+            raise AuthenticationFailed("expired API key")
+        if _due(known.last_used_at, now):
+            assert known.identity.key_id is not None
+            await _note_used(session, known.identity.key_id, now)
+            await session.commit()
+            known.last_used_at = now
+        return known.identity

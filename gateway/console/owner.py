@@ -8,9 +8,9 @@ form by hand to name another owner's expert gets the services' 403.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from litestar import get, post
 from litestar.response import Redirect, Template
@@ -28,12 +28,14 @@ from gateway.console.common import (
 )
 from governance import experts as experts_service
 from governance import licenses as licenses_service
-from governance.errors import GovernanceError, InvalidWindow, NotPermitted
+from governance.errors import GovernanceError, InvalidWindow, NotPermitted, UnknownDenial
 from governance.identity import Identity
-from governance.models import Expert
+from governance.models import Denial, Expert, License
 from governance.names import DEFAULT_PURPOSE
 from governance.principals import list_principals
 from governance.store import PolicySnapshot
+
+T = TypeVar("T")
 
 
 def owned(identity: Identity, rows: list[Expert]) -> list[Expert]:
@@ -166,28 +168,57 @@ def parse_purposes(value: Any) -> list[str] | None:
     return [p.strip() for p in value.replace(",", " ").split() if p.strip()]
 
 
+async def _act(
+    request: AnyRequest,
+    db: AsyncSession,
+    identity: Identity,
+    expert_id: str,
+    which: str,
+    action: Callable[[Mapping[str, Any]], Awaitable[T]],
+    done: Callable[[T], str],
+) -> Template | Redirect:
+    """One form post on an expert's page: check the CSRF token, run the service call, then
+    back to the page with `done(result)` flashed, or the page again with the error beside
+    the form `which` that caused it (GovernanceError)."""
+    form = await csrf_form(request)
+    try:
+        result = await action(form)
+    except GovernanceError as exc:
+        return await _rerender(request, db, identity, expert_id, exc, form, which)
+    await flash(request, done(result))
+    return see_other(f"/console/experts/{expert_id}")
+
+
+def _text(form: Mapping[str, Any], name: str) -> str:
+    value = form.get(name)
+    return value.strip() if isinstance(value, str) else ""
+
+
 @post("/console/experts/{expert_id:str}/licenses", name="console:grant")
 async def grant(
     request: AnyRequest, db_session: AsyncSession, identity: Identity, expert_id: str
 ) -> Template | Redirect:
-    form = await csrf_form(request)
-    try:
-        grantee = form.get("grantee")
-        note = form.get("note")
-        lic = await licenses_service.grant_license(
+    async def call(form: Mapping[str, Any]) -> License:
+        return await licenses_service.grant_license(
             db_session,
             actor=identity,
             expert_id=expert_id,
-            grantee=grantee.strip() if isinstance(grantee, str) else "",
+            grantee=_text(form, "grantee"),
             purposes=parse_purposes(form.get("purposes")),
             valid_from=parse_utc(form.get("valid_from"), "valid from"),
             expires_at=parse_utc(form.get("expires_at"), "expires at"),
-            note=note.strip() or None if isinstance(note, str) else None,
+            note=_text(form, "note") or None,
         )
-    except GovernanceError as exc:
-        return await _rerender(request, db_session, identity, expert_id, exc, form, "grant")
-    await flash(request, f"Granted {expert_id} to {lic.grantee} (license {lic.id}).")
-    return see_other(f"/console/experts/{expert_id}")
+
+    return await _act(
+        request,
+        db_session,
+        identity,
+        expert_id,
+        "grant",
+        call,
+        lambda lic: f"Granted {expert_id} to {lic.grantee} (license {lic.id}).",
+    )
 
 
 @post("/console/experts/{expert_id:str}/licenses/{license_id:str}/revoke", name="console:revoke")
@@ -198,34 +229,40 @@ async def revoke(
     expert_id: str,
     license_id: str,
 ) -> Template | Redirect:
-    form = await csrf_form(request)
-    try:
-        lic = await licenses_service.revoke_license(
+    async def call(_form: Mapping[str, Any]) -> License:
+        return await licenses_service.revoke_license(
             db_session, actor=identity, license_id=license_id, expert_id=expert_id
         )
-    except GovernanceError as exc:
-        return await _rerender(request, db_session, identity, expert_id, exc, form, "revoke")
-    await flash(request, f"Revoked license {lic.id} ({lic.grantee}).")
-    return see_other(f"/console/experts/{expert_id}")
+
+    return await _act(
+        request,
+        db_session,
+        identity,
+        expert_id,
+        "revoke",
+        call,
+        lambda lic: f"Revoked license {lic.id} ({lic.grantee}).",
+    )
 
 
 @post("/console/experts/{expert_id:str}/denials", name="console:deny")
 async def deny(
     request: AnyRequest, db_session: AsyncSession, identity: Identity, expert_id: str
 ) -> Template | Redirect:
-    form = await csrf_form(request)
-    grantee = form.get("grantee")
-    try:
-        row = await licenses_service.deny(
-            db_session,
-            actor=identity,
-            expert_id=expert_id,
-            grantee=grantee.strip() if isinstance(grantee, str) else "",
+    async def call(form: Mapping[str, Any]) -> Denial:
+        return await licenses_service.deny(
+            db_session, actor=identity, expert_id=expert_id, grantee=_text(form, "grantee")
         )
-    except GovernanceError as exc:
-        return await _rerender(request, db_session, identity, expert_id, exc, form, "deny")
-    await flash(request, f"Denied {expert_id} to {row.grantee}.")
-    return see_other(f"/console/experts/{expert_id}")
+
+    return await _act(
+        request,
+        db_session,
+        identity,
+        expert_id,
+        "deny",
+        call,
+        lambda row: f"Denied {expert_id} to {row.grantee}.",
+    )
 
 
 @post("/console/experts/{expert_id:str}/denials/{denial_id:str}/lift", name="console:lift")
@@ -236,18 +273,21 @@ async def lift(
     expert_id: str,
     denial_id: str,
 ) -> Template | Redirect:
-    form = await csrf_form(request)
-    try:
+    async def call(_form: Mapping[str, Any]) -> Denial:
         denials = {d.id for d in await licenses_service.list_denials(db_session, expert_id)}
         if denial_id not in denials:
-            from governance.errors import UnknownDenial
-
             raise UnknownDenial(f"expert {expert_id} has no deny rule {denial_id!r}")
-        row = await licenses_service.lift_denial(db_session, actor=identity, denial_id=denial_id)
-    except GovernanceError as exc:
-        return await _rerender(request, db_session, identity, expert_id, exc, form, "lift")
-    await flash(request, f"Lifted the deny rule for {row.grantee}.")
-    return see_other(f"/console/experts/{expert_id}")
+        return await licenses_service.lift_denial(db_session, actor=identity, denial_id=denial_id)
+
+    return await _act(
+        request,
+        db_session,
+        identity,
+        expert_id,
+        "lift",
+        call,
+        lambda row: f"Lifted the deny rule for {row.grantee}.",
+    )
 
 
 ACTIONS = {
@@ -296,15 +336,21 @@ async def confirm_page(
 async def confirmed(
     request: AnyRequest, db_session: AsyncSession, identity: Identity, expert_id: str
 ) -> Template | Redirect:
-    form = await csrf_form(request)
     action = request.url.path.rsplit("/", 1)[1]
     fn, _label, _consequence, done = ACTIONS[action]
-    try:
-        await fn(db_session, actor=identity, expert_id=expert_id)
-    except GovernanceError as exc:
-        return await _rerender(request, db_session, identity, expert_id, exc, form, "status")
-    await flash(request, done.format(id=expert_id))
-    return see_other(f"/console/experts/{expert_id}")
+
+    async def call(_form: Mapping[str, Any]) -> Expert:
+        return await fn(db_session, actor=identity, expert_id=expert_id)
+
+    return await _act(
+        request,
+        db_session,
+        identity,
+        expert_id,
+        "status",
+        call,
+        lambda _row: done.format(id=expert_id),
+    )
 
 
 def when(value: datetime | None) -> str:

@@ -7,11 +7,13 @@ policy already did), write their ledger records and commit.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
-from litestar import Controller, delete, get, post, put
+from litestar import Controller, Request, delete, get, post, put
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.settings import Settings
+from gateway.bodies import optional_body, strict_body
 from gateway.schemas.governance import (
     KeyCreatedOut,
     KeyIn,
@@ -21,6 +23,7 @@ from gateway.schemas.governance import (
     PrincipalIn,
     PrincipalOut,
     error_responses,
+    from_row,
 )
 from governance.identity import Identity
 from governance.key_limits import Limits, check_limits, get_limits, set_limits
@@ -44,6 +47,7 @@ def limits_out(key_id: str, limits: Limits, settings: Settings) -> LimitsOut:
     )
 
 
+AnyRequest = Request[Any, Any, Any]
 ERRORS = error_responses(400, 401, 403, 404, 409, 503)
 
 
@@ -53,8 +57,9 @@ class AdminController(Controller):
 
     @post("/principals", summary="Create a principal", status_code=201, responses=ERRORS)
     async def create_principal(
-        self, db_session: AsyncSession, identity: Identity, data: PrincipalIn
+        self, request: AnyRequest, db_session: AsyncSession, identity: Identity, data: PrincipalIn
     ) -> PrincipalOut:
+        data = await strict_body(request, PrincipalIn)
         row = await add_principal(
             db_session,
             actor=identity,
@@ -63,14 +68,7 @@ class AdminController(Controller):
             groups=data.groups,
             display_name=data.display_name,
         )
-        return PrincipalOut(
-            id=row.id,
-            roles=list(row.roles),
-            groups=list(row.groups),
-            display_name=row.display_name,
-            created_at=row.created_at,
-            created_by=row.created_by,
-        )
+        return from_row(PrincipalOut, row, roles=list(row.roles), groups=list(row.groups))
 
     @post(
         "/principals/{id:str}/keys",
@@ -80,13 +78,14 @@ class AdminController(Controller):
     )
     async def create_key(
         self,
+        request: AnyRequest,
         db_session: AsyncSession,
         identity: Identity,
         settings: Settings,
         id: str,
         data: KeyIn | None = None,
     ) -> KeyCreatedOut:
-        data = data or KeyIn()
+        data = await optional_body(request, KeyIn) or KeyIn()
         limits = check_limits(Limits(data.rpm, data.tpm, data.max_parallel))
         row, token = await create_key(
             db_session,
@@ -112,12 +111,7 @@ class AdminController(Controller):
         self, db_session: AsyncSession, identity: Identity, key_id: str
     ) -> KeyRevokedOut:
         row = await revoke_key(db_session, actor=identity, key_id=key_id)
-        return KeyRevokedOut(
-            key_id=row.id,
-            principal=row.principal_id,
-            revoked_at=row.revoked_at,
-            revoked_by=row.revoked_by,
-        )
+        return from_row(KeyRevokedOut, row, key_id=row.id, principal=row.principal_id)
 
     @get("/keys/{key_id:str}/limits", summary="A key's limits and what applies", responses=ERRORS)
     async def get_key_limits(
@@ -132,12 +126,14 @@ class AdminController(Controller):
     )
     async def set_key_limits(
         self,
+        request: AnyRequest,
         db_session: AsyncSession,
         identity: Identity,
         settings: Settings,
         key_id: str,
         data: LimitsIn,
     ) -> LimitsOut:
+        data = await strict_body(request, LimitsIn)
         limits = await set_limits(
             db_session,
             actor=identity,

@@ -7,10 +7,13 @@ another owner's expert and nothing is written.
 
 from __future__ import annotations
 
-from litestar import Controller, delete, get, post
+from typing import Any
+
+from litestar import Controller, Request, delete, get, post
 from litestar.params import Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.bodies import strict_body
 from gateway.schemas.governance import (
     Access,
     DenialOut,
@@ -22,6 +25,7 @@ from gateway.schemas.governance import (
     LicenseOut,
     LicensesOut,
     error_responses,
+    from_row,
 )
 from governance import experts as expert_service
 from governance import licenses as license_service
@@ -32,39 +36,18 @@ from governance.store import PolicySnapshot
 
 
 def license_out(lic: License) -> LicenseOut:
-    return LicenseOut(
-        id=lic.id,
-        expert=lic.expert_id,
-        grantee=lic.grantee,
-        purposes=list(lic.purposes),
-        valid_from=lic.valid_from,
-        expires_at=lic.expires_at,
-        note=lic.note,
-        granted_by=lic.granted_by,
-        granted_at=lic.granted_at,
-        revoked_at=lic.revoked_at,
-        revoked_by=lic.revoked_by,
-    )
+    return from_row(LicenseOut, lic, expert=lic.expert_id, purposes=list(lic.purposes))
 
 
 def denial_out(row: Denial) -> DenialOut:
-    return DenialOut(
-        id=row.id,
-        expert=row.expert_id,
-        grantee=row.grantee,
-        created_by=row.created_by,
-        created_at=row.created_at,
-        lifted_at=row.lifted_at,
-        lifted_by=row.lifted_by,
-    )
+    return from_row(DenialOut, row, expert=row.expert_id)
 
 
 def status_out(row: Expert) -> ExpertStatusOut:
-    return ExpertStatusOut(
-        id=row.id, owner=row.owner_id, status=row.status, withdrawn_at=row.withdrawn_at
-    )
+    return from_row(ExpertStatusOut, row, owner=row.owner_id)
 
 
+AnyRequest = Request[Any, Any, Any]
 ERRORS = error_responses(400, 401, 403, 404, 409, 503)
 
 
@@ -126,8 +109,14 @@ class ExpertsController(Controller):
         responses=ERRORS,
     )
     async def grant(
-        self, db_session: AsyncSession, identity: Identity, id: str, data: GrantIn
+        self,
+        request: AnyRequest,
+        db_session: AsyncSession,
+        identity: Identity,
+        id: str,
+        data: GrantIn,
     ) -> LicenseOut:
+        data = await strict_body(request, GrantIn)
         lic = await license_service.grant_license(
             db_session,
             actor=identity,
@@ -161,8 +150,14 @@ class ExpertsController(Controller):
         responses=ERRORS,
     )
     async def deny(
-        self, db_session: AsyncSession, identity: Identity, id: str, data: DenyIn
+        self,
+        request: AnyRequest,
+        db_session: AsyncSession,
+        identity: Identity,
+        id: str,
+        data: DenyIn,
     ) -> DenialOut:
+        data = await strict_body(request, DenyIn)
         row = await license_service.deny(
             db_session, actor=identity, expert_id=id, grantee=data.grantee
         )

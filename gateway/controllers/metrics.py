@@ -1,8 +1,9 @@
-"""GET /metrics: this worker's metrics in Prometheus text format (admin role).
+"""GET /metrics: the server's metrics in Prometheus text format (admin role).
 
 A Prometheus scraper authenticates like any client, with the bearer key of an admin principal
-(`authorization: {credentials: <key>}` in its scrape config; docs/gateway.md). With several
-workers each answers for itself: scrape each worker's port, or sum over `instance`.
+(`authorization: {credentials: <key>}` in its scrape config; docs/gateway.md). Under
+`flexgate serve --workers N` whichever worker answers reports the sum over all of them
+(gateway.telemetry: the server's metrics folder).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from litestar.datastructures import ResponseHeader, State
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 
-from gateway.inference.handlers import serve, strict_body
+from gateway.inference.handlers import serve
 from gateway.inference.params import chat_plan, completion_plan
 from gateway.schemas.openai import (
     ChatCompletionRequest,
@@ -23,7 +23,6 @@ from gateway.schemas.openai import (
     ModelExpert,
     ModelList,
 )
-from governance.identity import Identity
 from governance.store import PolicySnapshot
 
 
@@ -99,11 +98,9 @@ class OpenAIController(Controller):
         self,
         request: Request[Any, Any, Any],
         data: CompletionRequest,
-        identity: Identity,
         snapshot: PolicySnapshot,
     ) -> Response[CompletionResponse]:
-        body = await strict_body(request, CompletionRequest)
-        return await serve(request, identity, snapshot, lambda tk, m: completion_plan(body, tk, m))
+        return await serve(request, snapshot, CompletionRequest, completion_plan)
 
     @post(
         "/v1/chat/completions",
@@ -117,8 +114,6 @@ class OpenAIController(Controller):
         self,
         request: Request[Any, Any, Any],
         data: ChatCompletionRequest,
-        identity: Identity,
         snapshot: PolicySnapshot,
     ) -> Response[ChatCompletionResponse]:
-        body = await strict_body(request, ChatCompletionRequest)
-        return await serve(request, identity, snapshot, lambda tk, m: chat_plan(body, tk, m))
+        return await serve(request, snapshot, ChatCompletionRequest, chat_plan)

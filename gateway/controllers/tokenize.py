@@ -8,8 +8,8 @@ from litestar import Controller, Request, post
 from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 
+from gateway.bodies import strict_body
 from gateway.errors import bad_request
-from gateway.inference.handlers import strict_body
 from gateway.inference.params import check_model
 from gateway.inference.prompts import Tokenizer, chat_messages
 from gateway.schemas.openai import ErrorResponse

@@ -138,8 +138,6 @@ def completion_plan(req: CompletionRequest, tk: Tokenizer, served: str) -> Plan:
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     if max_tokens == 0 and not req.echo:
         raise bad_request("`max_tokens` may be 0 only with `echo: true`", "max_tokens")
-    if req.echo and req.stream:
-        raise unsupported("echo", "not with `stream`")
     prompts = completion_prompts(tk, req.prompt)
     if len(prompts) * req.n > MAX_ROWS:
         raise bad_request(f"prompts x n may be at most {MAX_ROWS}", "n")

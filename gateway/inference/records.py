@@ -16,9 +16,11 @@ import fcntl
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from audit.canonical import format_time
 from audit.inference import inference_payload
 from audit.ledger import Entry
 from audit.query import RecordQuery, query_records
@@ -29,6 +31,7 @@ from gateway.workers import WorkerId, is_dead_local
 if TYPE_CHECKING:
     from gateway.inference.admission import Admission
     from gateway.inference.params import Plan
+    from gateway.inference.run import Narrowed
     from governance.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,7 @@ def final_payload(
     results: Sequence[Any],
     revoked: Mapping[str, str],
     status: str,
+    narrowed: Narrowed | None = None,
     duration_ms: float,
     completion_text: str | None,
     started_seq: int | None = None,
@@ -139,6 +143,10 @@ def final_payload(
     payload["choices"] = plan.rows
     if revoked:
         payload["revoked"] = dict(revoked)
+        if narrowed is not None:
+            payload["revoked_at"] = format_time(datetime.fromtimestamp(narrowed.at, UTC))
+            if narrowed.after_tokens is not None:
+                payload["revoked_after_tokens"] = narrowed.after_tokens
     if started_seq is not None:
         payload["started_seq"] = started_seq
     return payload

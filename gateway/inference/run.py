@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +30,25 @@ from governance.identity import Identity
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Narrowed:
+    """When a running request first lost an expert: wall clock (epoch seconds) and the tokens
+    its sequences had delivered by then (streams; the engine applies it from its next step)."""
+
+    at: float
+    after_tokens: int | None
+
+
 class RowGroup:
     """The sequences of one request, narrowed together (InflightRegistry's Narrowable)."""
 
-    def __init__(self, streams: list[Any], allowed: tuple[str, ...]) -> None:
+    def __init__(
+        self, streams: list[Any], allowed: tuple[str, ...], tokens: Callable[[], int | None]
+    ) -> None:
         self.streams = streams
         self._allowed = allowed
+        self._tokens = tokens
+        self.narrowed: Narrowed | None = None
 
     @property
     def allowed(self) -> tuple[str, ...]:
@@ -43,9 +56,12 @@ class RowGroup:
 
     def narrow(self, allowed: Iterable[str]) -> tuple[str, ...]:
         keep = set(allowed)
-        self._allowed = tuple(e for e in self._allowed if e in keep)
+        before = self._allowed
+        self._allowed = tuple(e for e in before if e in keep)
         for s in self.streams:
             s.narrow(self._allowed)
+        if self.narrowed is None and self._allowed != before:
+            self.narrowed = Narrowed(time.time(), self._tokens())
         return self._allowed
 
 
@@ -92,7 +108,6 @@ class Run:
         self.state = state
         self.rate = rate
         """The rate-limit admission; released with the real token count at the record."""
-        self._first_token: float | None = None
         self._engine_span: Any = None
         self.plan = plan
         self.admission = admission
@@ -128,15 +143,17 @@ class Run:
                         sp,
                         allowed=self.admission.allowed,
                         request_id=f"{self.request_id}/{row}",
+                        # a plain reply needs the result only: no event-loop work per token
+                        text_events=self.plan.stream,
                     )
                 )
         except Exception as exc:
             for s in streams:
                 s.cancel()
             raise _engine_error(exc) from exc
-        self.group = RowGroup(streams, self.admission.allowed)
-        self._engine_span = self.state.telemetry.tracer.start_span(
-            "engine", attributes={"flexgate.rows": len(streams)}
+        self.group = RowGroup(streams, self.admission.allowed, self._delivered)
+        self._engine_span = self.state.telemetry.start_span(
+            "engine", **{"flexgate.rows": len(streams)}
         )
         self.state.inflight.register(
             self.request_id,
@@ -151,6 +168,11 @@ class Run:
             for row, s in enumerate(streams)
         ]
 
+    def _delivered(self) -> int | None:
+        """Tokens the sequences have delivered so far (None: a plain request, which gets no
+        text events to count)."""
+        return sum(r.tokens for r in self.rows) if self.plan.stream else None
+
     async def _pump(self, row: int, stream: Any) -> None:
         from engine.generation import Finished
 
@@ -159,8 +181,6 @@ class Run:
                 if isinstance(event, Finished):
                     self.rows[row].result = event.result
                 else:
-                    if self._first_token is None and event.token_ids:
-                        self._first_token = time.perf_counter()
                     self.rows[row].tokens += len(event.token_ids)
                     self.rows[row].text.append(event.text)
                 await self._queue.put((row, event))
@@ -221,7 +241,10 @@ class Run:
         return getattr(self, "_revoked", {})
 
     async def _append_final(self, status: str, results: list[Any]) -> Entry:
-        completion = "".join("".join(r.text) for r in self.rows) or None
+        if results:
+            completion = "".join(r.text for r in results) or None
+        else:
+            completion = "".join("".join(r.text) for r in self.rows) or None
         tokens = sum(r.tokens for r in self.rows)
         completion_tokens = sum(int(r.completion_tokens) for r in results) if results else tokens
         payload = records.final_payload(
@@ -232,6 +255,7 @@ class Run:
             identity=self.identity,
             results=results,
             revoked=self.revoked,
+            narrowed=None if self.group is None else self.group.narrowed,
             status=status,
             duration_ms=(time.perf_counter() - self._t0) * 1000.0,
             completion_text=completion,
@@ -248,13 +272,15 @@ class Run:
         finally:
             used = int(payload["prompt_tokens"]) + int(payload["completion_tokens"])
             if self.rate is not None:
-                await self.rate.release(used)
-            self._observe(payload, status)
+                self.rate.release_soon(used)
+            self._observe(payload, status, results)
         return self.record
 
-    def _observe(self, payload: dict[str, Any], status: str) -> None:
+    def _observe(self, payload: dict[str, Any], status: str, results: list[Any]) -> None:
         """The request's GenAI metrics and per-expert counters (gateway.telemetry)."""
         duration = time.perf_counter() - self._t0
+        firsts = [r.first_token_at for r in results if getattr(r, "first_token_at", None)]
+        first = min(firsts) if firsts else None
         self.state.telemetry.record_inference(
             operation=OPERATIONS.get(self.plan.endpoint, self.plan.endpoint),
             model=self.state.model_name,
@@ -262,7 +288,7 @@ class Run:
             input_tokens=int(payload["prompt_tokens"]),
             output_tokens=int(payload["completion_tokens"]),
             duration_s=duration,
-            ttft_s=None if self._first_token is None else self._first_token - self._t0,
+            ttft_s=None if first is None else max(0.0, first - self._t0),
             usage=payload.get("usage") or {},
             status=status,
         )

@@ -7,9 +7,17 @@ without an end. Times must carry a time zone (`2026-12-01T00:00:00Z`).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def from_row(kind: type[S], row: Any, **given: Any) -> S:
+    """A response struct from an ORM row: each field is the row's attribute of that name,
+    unless given (renamed or converted ones)."""
+    return kind(**{n: given[n] if n in given else getattr(row, n) for n in kind.__struct_fields__})
 
 
 def error_responses(*codes: int) -> dict[int, Any]:

@@ -156,10 +156,15 @@ class CompletionChoice(Struct):
     finish_reason: str | None
 
 
-class CompletionResponse(Struct):
+class _Reply(Struct, kw_only=True):
+    """What every completion reply and stream chunk opens with."""
+
     id: str
     created: int
     model: str
+
+
+class CompletionResponse(_Reply, kw_only=True):
     choices: list[CompletionChoice]
     usage: Usage
     flexgate: FlexGateBlock
@@ -167,10 +172,7 @@ class CompletionResponse(Struct):
     system_fingerprint: str | None = None
 
 
-class CompletionChunk(Struct, omit_defaults=True):
-    id: str
-    created: int
-    model: str
+class CompletionChunk(_Reply, kw_only=True, omit_defaults=True):
     choices: list[CompletionChoice]
     object: str = "text_completion"
     usage: Usage | None = None
@@ -206,10 +208,7 @@ class ChatChoice(Struct):
     finish_reason: str | None
 
 
-class ChatCompletionResponse(Struct):
-    id: str
-    created: int
-    model: str
+class ChatCompletionResponse(_Reply, kw_only=True):
     choices: list[ChatChoice]
     usage: Usage
     flexgate: FlexGateBlock
@@ -229,10 +228,7 @@ class ChatChunkChoice(Struct):
     finish_reason: str | None
 
 
-class ChatCompletionChunk(Struct, omit_defaults=True):
-    id: str
-    created: int
-    model: str
+class ChatCompletionChunk(_Reply, kw_only=True, omit_defaults=True):
     choices: list[ChatChunkChoice]
     object: str = "chat.completion.chunk"
     usage: Usage | None = None

@@ -84,7 +84,7 @@ class Server:
 
 
 async def start_server(
-    db_url: str, home: Path, model_dir: Path, keys: dict[str, str], **env: str
+    db_url: str, home: Path, model_dir: Path, keys: dict[str, str], workers: int = 1, **env: str
 ) -> Server:
     port = free_port()
     log = home / f"server-{port}.log"
@@ -107,6 +107,8 @@ async def start_server(
             "serve",
             "--port",
             str(port),
+            "--workers",
+            str(workers),
             "--log-level",
             "warning",
             env=full_env,

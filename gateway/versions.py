@@ -1,0 +1,57 @@
+"""The policy version for the requests arriving now: one database read serves all of them.
+
+Every request must see every governance change that committed before it arrived (a key
+revoked through another worker is refused on the very next request), so every request needs
+a version read that *started* after it arrived. Requests that arrive while a read is running
+wait for the next one, which starts as soon as that read ends, and share it; a request that
+finds no read running starts one at once. So one client pays one read per request, as
+before, and 32 clients arriving together pay two or three reads, not 32 connections out of
+the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from governance.changes import read_version
+
+
+class VersionReads:
+    """Shared reads of the policy version (one per worker; see the module docstring)."""
+
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
+        self._sessionmaker = sessionmaker
+        self._next: asyncio.Future[int] | None = None
+        """The read that has not started yet: requests arriving now wait for it."""
+        self._reader: asyncio.Task[None] | None = None
+        self.reads = 0
+        """Reads made so far (the tests count them)."""
+
+    async def current(self) -> int:
+        """The version, read by a read that started after this call."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        waiting = self._next
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(
+                self._read_all(), name="policy-version-reads"
+            )
+        # shielded: one caller going away must not cancel the read the others wait for
+        return await asyncio.shield(waiting)
+
+    async def _read_all(self) -> None:
+        while self._next is not None:
+            done, self._next = self._next, None
+            try:
+                async with self._sessionmaker() as session:
+                    version = await read_version(session)
+                self.reads += 1
+            except Exception as exc:  # every request waiting on this read fails alike
+                if not done.done():
+                    done.set_exception(exc)
+                    done.exception()  # retrieved: a caller that went away must not warn
+                continue
+            if not done.done():
+                done.set_result(version)
