@@ -13,6 +13,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -78,12 +79,14 @@ def _pg_template() -> Iterator[str]:
         pg_drop_database(name)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """URL of a fresh database at the migrations' head, on each backend."""
-    if request.param == "sqlite":
+@contextmanager
+def fresh_database(request: pytest.FixtureRequest, backend: str, folder: Path) -> Iterator[str]:
+    """A fresh database at the migrations' head on `backend`, dropped on exit: a copy of the
+    SQLite template in `folder`, or a PostgreSQL database made from the migrated template.
+    Fixtures of any scope use it (`db_url` per test, a module's shared servers per module)."""
+    if backend == "sqlite":
         template: Path = request.getfixturevalue("_sqlite_template")
-        path = tmp_path / "flexgate.db"
+        path = folder / "flexgate.db"
         shutil.copyfile(template, path)
         yield f"sqlite+aiosqlite:///{path}"
         return
@@ -94,6 +97,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
     finally:
         pg_drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of a fresh database at the migrations' head, on each backend."""
+    with fresh_database(request, request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

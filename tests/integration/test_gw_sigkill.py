@@ -11,12 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from gw_servers import REPO, completion, seed, start_server
 
 from audit.db import make_engine, make_sessionmaker
 from audit.query import RecordQuery, query_records
 from engine.checkpoints import build_tiny_checkpoint
 from gateway.inference.records import open_streams
+from tests.integration.gw_servers import REPO, completion, seed, start_server
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +60,11 @@ async def test_sigkill_mid_stream_then_restart_appends_aborted(
                 if seen >= 3:  # tokens have left the server: now it dies
                     os.kill(server.proc.pid, signal.SIGKILL)
                     break
-        await server.proc.wait()
+        await server.wait()
     finally:
-        if server.proc.returncode is None:
+        if server.proc.poll() is None:
             server.proc.kill()
-            await server.proc.wait()
+            await server.wait()
     started = [e for e in await _records(db_url, "inference.started") if e.seq == started_seq]
     assert len(started) == 1 and started[0].payload["worker"]["pid"] == server.proc.pid
     ended = [
@@ -92,7 +92,7 @@ async def test_sigkill_mid_stream_then_restart_appends_aborted(
         finally:
             await engine.dispose()
     finally:
-        await again.stop()
+        await asyncio.to_thread(again.stop)
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),

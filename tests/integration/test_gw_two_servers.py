@@ -1,7 +1,10 @@
 """Two `flexgate serve` processes on one database behave as one service; SIGTERM is graceful.
 
-Real subprocesses on loopback ports, a tiny checkpoint, the database of `db_url` (SQLite file
-and, when FLEXGATE_TEST_DATABASE_URL is set, PostgreSQL; skipped with that reason otherwise).
+Real subprocesses on loopback ports, a tiny checkpoint, a fresh database per backend (SQLite
+file and, when FLEXGATE_TEST_DATABASE_URL is set, PostgreSQL; skipped with that reason
+otherwise). The two servers of a service start once per backend and serve every test of this
+module (starting a pair is most of each test's time); each test uses principals and experts
+the others leave as they need them, and the SIGTERM test runs a server of its own.
 """
 
 from __future__ import annotations
@@ -9,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from gw_servers import Server, completion, seed, start_server
 
 from audit.db import make_engine, make_sessionmaker
 from audit.query import RecordQuery, query_records
 from audit.verify import verify
 from engine.checkpoints import build_tiny_checkpoint
+from tests.conftest import fresh_database
+from tests.integration.gw_servers import Server, completion, seed, spawn, start_server, wait_ready
 
 pytestmark = pytest.mark.timeout(600)
 IDS = ("public", "code", "news", "math")
@@ -35,20 +40,33 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.fixture
-async def service(db_url: str, tmp_path: Path, model_dir: Path) -> AsyncIterator[list[Server]]:
-    """Two servers (A, B) of one service: one database, one FLEXGATE_HOME (signing key)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    keys = await seed(db_url, home)
-    a, b = await asyncio.gather(
-        start_server(db_url, home, model_dir, keys), start_server(db_url, home, model_dir, keys)
-    )
-    try:
-        yield [a, b]
-    finally:
-        codes = await asyncio.gather(a.stop(), b.stop())
-        assert codes == [0, 0], [s.log.read_text()[-2000:] for s in (a, b)]
+@dataclass
+class Service:
+    db_url: str
+    servers: list[Server]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def service(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, model_dir: Path
+) -> Iterator[Service]:
+    """Two servers (A, B) of one service: one database, one FLEXGATE_HOME (signing key); both
+    must exit 0 on SIGTERM at the end."""
+    root = tmp_path_factory.mktemp(f"service-{request.param}")
+    with fresh_database(request, request.param, root) as db_url:
+        home = root / "home"
+        home.mkdir()
+        keys = asyncio.run(seed(db_url, home))
+        a = spawn(db_url, home, model_dir, keys)
+        b = spawn(db_url, home, model_dir, keys)
+        try:
+            wait_ready(a, b)
+            yield Service(db_url, [a, b])
+        finally:
+            a.terminate()
+            b.terminate()
+            codes = [a.stop(), b.stop()]
+        assert codes == [0, 0], [s.log_tail(2000) for s in (a, b)]
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[Any]:
@@ -68,9 +86,9 @@ async def ledger(db_url: str, kind: str) -> list[Any]:
 
 
 async def test_revocations_through_one_bite_on_the_next_request_to_the_other(
-    service: list[Server],
+    service: Service,
 ) -> None:
-    a, b = service
+    a, b = service.servers
     async with (
         a.client("root") as admin_a,
         a.client("owner-code") as owner_a,
@@ -103,9 +121,9 @@ async def test_revocations_through_one_bite_on_the_next_request_to_the_other(
 
 
 async def test_stream_on_one_is_narrowed_by_a_revocation_through_the_other(
-    service: list[Server], db_url: str
+    service: Service,
 ) -> None:
-    a, b = service
+    a, b = service.servers
     async with a.client("owner-code") as owner_a, b.client("app-2", timeout=300) as app2_b:
         r = await owner_a.post("/v1/experts/code/licenses", json={"grantee": "app-2"})
         license_id = r.json()["id"]
@@ -128,12 +146,13 @@ async def test_stream_on_one_is_narrowed_by_a_revocation_through_the_other(
         assert revoked_at is not None and chunks_after > 0
         fg = last["flexgate"]
         assert fg["experts"]["excluded"]["code"].startswith("revoked-"), fg
-        (record,) = [e for e in await ledger(db_url, "inference") if e.seq == fg["audit_seq"]]
+        records = await ledger(service.db_url, "inference")
+        (record,) = [e for e in records if e.seq == fg["audit_seq"]]
         assert record.payload["experts_excluded"]["code"].startswith("revoked-")
 
 
-async def test_both_append_to_one_gap_free_chain(service: list[Server], db_url: str) -> None:
-    a, b = service
+async def test_both_append_to_one_gap_free_chain(service: Service) -> None:
+    a, b = service.servers
     async with a.client("app-2") as ca, b.client("app-2") as cb:
         replies = await asyncio.gather(
             *(c.post("/v1/completions", json=completion(max_tokens=3)) for c in [ca, cb] * 6)
@@ -181,8 +200,8 @@ async def test_sigterm_lets_running_requests_finish_and_exits_0(
                     with pytest.raises(httpx.HTTPError):  # no new connections
                         async with httpx.AsyncClient(timeout=2) as fresh:
                             await fresh.get(f"{server.url}/healthz")
-    code = await asyncio.wait_for(server.proc.wait(), 60)
-    assert code == 0, server.log.read_text()[-3000:]
+    code = await asyncio.wait_for(server.wait(), 60)
+    assert code == 0, server.log_tail()
     assert events[-1] == "[DONE]", events[-3:]
     final = events[-2]
     assert final["flexgate"]["audit_seq"] > 0

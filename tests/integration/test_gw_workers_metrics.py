@@ -3,6 +3,7 @@ both workers, and every scrape (whichever worker takes it) counts all of them.""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -68,5 +69,5 @@ async def test_every_scrape_counts_the_requests_of_all_workers(db_url: str, tmp_
         assert [f.name for f in folders] == [str(server.proc.pid)]
         assert list(folders[0].glob("*.db")), "the workers write nothing to the folder"
     finally:
-        assert await server.stop() == 0, server.log.read_text()[-3000:]
+        assert await asyncio.to_thread(server.stop) == 0, server.log_tail()
     assert not (home / "metrics" / str(server.proc.pid)).exists()  # removed at exit

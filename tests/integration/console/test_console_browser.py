@@ -6,10 +6,11 @@ foreign or missing CSRF token, an ended session, an application key) are tests t
 
 One server per module (a tiny checkpoint, a migrated SQLite file, principals and keys made
 with the governance services first, then `python -m gateway.cli serve` as a subprocess on a
-free loopback port). Playwright drives the system Chromium (`/usr/bin/chromium`, installed by
-.ci/run from the Debian packages; Playwright never downloads a browser here). When either is
-missing the tests skip and say why. `FLEXGATE_CONSOLE_SCREENSHOTS=DIR` saves the main pages
-as PNG files there (docs/console/ is made that way).
+free loopback port; tests/integration/gw_servers.py starts it, as for the other server
+tests). Playwright drives the system Chromium (`/usr/bin/chromium`, installed by .ci/run from
+the Debian packages; Playwright never downloads a browser here). When either is missing the
+tests skip and say why. `FLEXGATE_CONSOLE_SCREENSHOTS=DIR` saves the main pages as PNG files
+there (docs/console/ is made that way).
 """
 
 from __future__ import annotations
@@ -17,25 +18,20 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
-from audit.db import make_engine, make_sessionmaker, upgrade
+from audit.db import upgrade
+from engine.checkpoints import build_tiny_checkpoint
 from gateway.console.sessions import SessionStore
-from governance.identity import Identity
-from governance.keys import create_key
-from governance.principals import add_principal
+from tests.integration.gw_servers import MODEL_NAME, Server, seed, start
 
 # A developer without Playwright gets a skip that says why; CI (CI=true, set by the runner)
 # must run these tests, so there a missing Playwright or Chromium is a failure, never a skip.
@@ -46,7 +42,6 @@ else:
     expect = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]'").expect
 
 CHROMIUM = os.environ.get("FLEXGATE_CHROMIUM", "/usr/bin/chromium")
-REPO = Path(__file__).resolve().parents[3]
 PRINCIPALS: list[tuple[str, list[str]]] = [
     ("app-1", ["application"]),
     ("owner-code", ["data_owner"]),
@@ -56,114 +51,37 @@ PRINCIPALS: list[tuple[str, list[str]]] = [
 ]
 
 
-@dataclass
-class Server:
-    url: str
-    home: Path
-    db_file: Path
-    db_url: str
-    model_name: str
-    env: dict[str, str]
-    keys: dict[str, str] = field(default_factory=dict)
-
-    def api(self, who: str) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {self.keys[who]}"}, timeout=60
+def complete(server: Server, who: str = "app-1") -> dict[str, Any]:
+    with server.api(who) as client:
+        r = client.post(
+            "/v1/completions",
+            json={"model": MODEL_NAME, "prompt": "The data owner", "max_tokens": 2},
         )
-
-    def complete(self, who: str = "app-1") -> dict[str, Any]:
-        with self.api(who) as client:
-            r = client.post(
-                "/v1/completions",
-                json={"model": self.model_name, "prompt": "The data owner", "max_tokens": 2},
-            )
-        assert r.status_code == 200, r.text
-        body: dict[str, Any] = r.json()
-        return body
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "gateway.cli", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _seed(db_url: str) -> dict[str, str]:
-    operator = Identity.operator()
-    db = make_engine(db_url)
-    keys: dict[str, str] = {}
-    try:
-        async with make_sessionmaker(db)() as s:
-            for pid, roles in PRINCIPALS:
-                await add_principal(s, actor=operator, principal_id=pid, roles=roles)
-                _row, token = await create_key(s, actor=operator, principal_id=pid)
-                keys[pid] = token
-    finally:
-        await db.dispose()
-    return keys
+def db_file(server: Server) -> Path:
+    database = make_url(server.db_url).database
+    assert database is not None
+    return Path(database)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from engine.checkpoints import build_tiny_checkpoint
-
     root = tmp_path_factory.mktemp("console")
     home = root / "home"
     home.mkdir()
     model = build_tiny_checkpoint(root / "tiny-flexolmo")
-    db_file = home / "flexgate.db"
-    db_url = f"sqlite+aiosqlite:///{db_file}"
+    db_url = f"sqlite+aiosqlite:///{home / 'flexgate.db'}"
     upgrade(db_url)
-    keys = asyncio.run(_seed(db_url))
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "FLEXGATE_HOME": str(home),
-        "FLEXGATE_DATABASE_URL": db_url,
-        "FLEXGATE_MODEL": str(model),
-        "FLEXGATE_MODEL_NAME": "tiny-flexolmo",
-    }
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
-    url = f"http://127.0.0.1:{port}"
+    keys = asyncio.run(seed(db_url, home, PRINCIPALS))
+    server = start(db_url, home, model, keys)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError((root / "server.log").read_text()[-3000:])
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready: " + (root / "server.log").read_text()[-3000:])
-            time.sleep(0.2)
-        yield Server(url, home, db_file, db_url, "tiny-flexolmo", env, keys)
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop(20)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +145,7 @@ def _experts(body: dict[str, Any]) -> dict[str, Any]:
 def test_owner_grants_then_revokes_and_the_next_api_call_follows(
     server: Server, new_page: Any
 ) -> None:
-    assert "code" not in _experts(server.complete())["allowed"]
+    assert "code" not in _experts(complete(server))["allowed"]
     page = new_page("owner-code")
     expect(page).to_have_url(server.url + "/console/experts")
     expect(page.get_by_role("heading", name="My experts")).to_be_visible()
@@ -242,7 +160,7 @@ def test_owner_grants_then_revokes_and_the_next_api_call_follows(
     page.get_by_role("button", name="Grant").click()
     expect(page.get_by_role("status")).to_contain_text("Granted code to app-1")
     shot(page, "owner-expert")
-    assert "code" in _experts(server.complete())["allowed"]
+    assert "code" in _experts(complete(server))["allowed"]
 
     # A bad grant: the error sits beside the field, in words.
     page.get_by_label("Grantee", exact=True).fill("group:")
@@ -253,7 +171,7 @@ def test_owner_grants_then_revokes_and_the_next_api_call_follows(
     page.goto("/console/experts/code")
     page.get_by_role("button", name="Revoke the license of app-1").click()
     expect(page.get_by_role("status")).to_contain_text("Revoked license")
-    assert _experts(server.complete())["excluded"]["code"] == "no-license"
+    assert _experts(complete(server))["excluded"]["code"] == "no-license"
 
     # Withdraw needs a confirmation page; reinstating brings the expert back.
     page.get_by_role("link", name="Withdraw…").click()
@@ -292,7 +210,7 @@ def test_owner_cannot_see_or_change_another_owners_expert(server: Server, new_pa
         licenses = admin.get("/v1/experts/news/licenses")
     if licenses.status_code == 200:  # the management API may not be merged yet
         assert "app-1" not in licenses.text
-    assert "news" not in _experts(server.complete())["allowed"]
+    assert "news" not in _experts(complete(server))["allowed"]
     # Nor withdraw it by URL.
     assert page.goto("/console/experts/news/withdraw").status == 403  # type: ignore[union-attr]
 
@@ -396,7 +314,7 @@ def test_admin_creates_a_key_and_revoking_it_ends_its_session(
 
 
 def test_officer_filters_proves_and_sees_tampering(server: Server, new_page: Any) -> None:
-    server.complete()
+    complete(server)
     done = server.cli("audit", "checkpoint")
     assert done.returncode == 0, done.stderr
     page = new_page("officer")
@@ -425,7 +343,7 @@ def test_officer_filters_proves_and_sees_tampering(server: Server, new_page: Any
     page.get_by_role("button", name="Verify on the server").click()
     expect(page.locator("#server-result")).to_contain_text("Verified")
 
-    with sqlite3.connect(server.db_file) as db:
+    with sqlite3.connect(db_file(server)) as db:
         (original,) = db.execute(
             "SELECT payload FROM ledger_records WHERE seq = ?", (seq,)
         ).fetchone()
@@ -446,7 +364,7 @@ def test_officer_filters_proves_and_sees_tampering(server: Server, new_page: Any
         expect(page.locator("#server-result")).to_contain_text(f"failed at seq {seq}")
         shot(page, "officer-verify-tampered-server")
     finally:
-        with sqlite3.connect(server.db_file) as db:
+        with sqlite3.connect(db_file(server)) as db:
             db.execute("UPDATE ledger_records SET payload = ? WHERE seq = ?", (original, seq))
 
     page.goto("/console/usage")
