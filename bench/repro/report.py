@@ -129,6 +129,7 @@ FIGURE_ROWS = (
     "soup",
     "btm",
     "flexolmo",
+    "flexolmo-normtopk",
     "flexolmo-tuned",
     "ablation:random-router",
     "ablation:no-bias",
@@ -149,7 +150,7 @@ def figures(result: Mapping[str, Any], folder: Path) -> list[str]:
     rows = {r["key"]: r for r in result["methods"]}
     domains = ["public", *result["domains"]]
     keys = [k for k in FIGURE_ROWS if k in rows]
-    fig, ax = plt.subplots(figsize=(12, 5))
+    fig, ax = plt.subplots(figsize=(12, 6))
     width = 0.8 / len(keys)
     for j, k in enumerate(keys):
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(domains) + 1)]
@@ -159,13 +160,13 @@ def figures(result: Mapping[str, Any], folder: Path) -> list[str]:
     ax.set_yscale("log")
     ax.set_ylabel("held-out perplexity (log scale, lower is better)")
     ax.set_title("Held-out perplexity by domain and method")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     fig.savefig(folder / "perplexity.png", dpi=110)
     plt.close(fig)
 
     bases = [b for b in ("flexolmo", "flexolmo-tuned") if b in rows]
-    fig, axes = plt.subplots(1, len(bases), figsize=(6 * len(bases), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(bases), figsize=(6 * len(bases), 4.8), squeeze=False)
     for ax, base in zip(axes[0], bases, strict=True):
         full = rows[base]["perplexity"]
         grid = [
