@@ -63,6 +63,7 @@ STAGES = (
     "merge",
     "tune",
     "eval",
+    "routing",
     "extract",
     "report",
 )
@@ -475,6 +476,42 @@ class Run:
 
     # -- extraction -------------------------------------------------------------------------
 
+    def stage_routing(self) -> None:
+        """Where the merged models send each domain's held-out tokens: per expert, its share
+        of the router probability mass over the top-k selections (``Engine.forward``'s usage
+        ``weight``) and of the selections themselves (``tokens``), every expert allowed."""
+        from engine.api import load_engine
+        from kit.evaluate import BATCH, domain_blocks
+
+        valid = {d: self.docs(d, "valid").texts for d in ("public", *DOMAINS)}
+        out = self.path("routing.json")
+
+        def run() -> None:
+            result: dict[str, Any] = {}
+            for model in ("flexolmo", "flexolmo-tuned"):
+                eng = load_engine(self.model(model), device_map=self.device)
+                try:
+                    shares: dict[str, Any] = {}
+                    for d, texts in valid.items():
+                        blocks = domain_blocks(eng, texts, self.plan.eval_blocks)
+                        tok = dict.fromkeys(eng.expert_ids, 0.0)
+                        wt = dict.fromkeys(eng.expert_ids, 0.0)
+                        for start in range(0, len(blocks), BATCH):
+                            for row in eng.forward(blocks[start : start + BATCH]).usage:
+                                for e, (t, w) in row.items():
+                                    tok[e] += t
+                                    wt[e] += w
+                        shares[d] = {
+                            "weight": {e: wt[e] / sum(wt.values()) for e in wt},
+                            "selections": {e: tok[e] / sum(tok.values()) for e in tok},
+                        }
+                    result[model] = shares
+                finally:
+                    eng.close()
+            write_json(out, result)
+
+        self.step("routing shares of the merged models", out, run)
+
     def stage_extract(self) -> None:
         from bench.repro.extraction import SAMPLED, THRESHOLD, extraction_rate, probes
         from engine.api import load_engine
@@ -563,6 +600,7 @@ class Run:
             "methods": methods,
             "claims": claims(by_key, DOMAINS),
             "extraction": json.loads(extraction.read_text()) if extraction.exists() else None,
+            "routing": json.loads(self.path("routing.json").read_text()),
         }
         folder = self.path(RESULTS)
         folder.mkdir(exist_ok=True)

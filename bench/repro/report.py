@@ -105,6 +105,19 @@ def markdown(result: Mapping[str, Any]) -> str:
                 f"| {x} | {_pct(o['own_domain_change'])} | {_pct(o['own_gain_removed'])} | "
                 f"{_pct(o['others_mean_abs_change'])} | {_pct(o['others_max_abs_change'])} |"
             )
+    for model, shares in (result.get("routing") or {}).items():
+        experts = list(next(iter(shares.values()))["weight"])
+        lines += [
+            "",
+            f"### Routing ({model}): share of the router probability mass per expert, by domain",
+            "",
+            "| domain | " + " | ".join(experts) + " |",
+            "| --- | " + " | ".join("---:" for _ in experts) + " |",
+        ]
+        for d, v in shares.items():
+            lines.append(
+                f"| {d} | " + " | ".join(f"{v['weight'][e] * 100:.1f} %" for e in experts) + " |"
+            )
     ex = result.get("extraction")
     if ex:
         lines += [

@@ -57,7 +57,7 @@ def test_tiny_run_resumes_and_is_deterministic(
     assert main(["--mode", "tiny", "--out", str(work)]) == 0
     err = capsys.readouterr().err
     assert "skip pretrain the public model" in err and "skip coordinated expert 1/5" in err
-    assert "  dense expert 1/5" in err and "stage 12/12: report" in err
+    assert "  dense expert 1/5" in err and "stage 13/13: report" in err
     assert public.stat().st_mtime_ns == before
 
     result = json.loads((work / "results" / "results.json").read_text())
@@ -88,6 +88,14 @@ def test_tiny_run_resumes_and_is_deterministic(
         c = result["claims"][base]
         assert _finite(c["relative_to_public"]) and set(c["opt_out"]) == set(DOMAINS)
         assert set(c["relative_to_prior_merging"]) == {"soup", "btm"}
+    for model in ("flexolmo", "flexolmo-tuned"):
+        shares = result["routing"][model]
+        assert set(shares) == {"public", *DOMAINS}
+        for v in shares.values():
+            assert set(v["weight"]) == {"public", *DOMAINS}
+            assert sum(v["weight"].values()) == pytest.approx(1.0)
+            assert sum(v["selections"].values()) == pytest.approx(1.0)
+    assert "### Routing (flexolmo)" in (work / "results" / "tables.md").read_text()
     ex = result["extraction"]
     assert ex["domain"] == "legal" and ex["documents"] == 2 and len(ex["models"]) == 4
     for v in ex["models"].values():
