@@ -6,6 +6,8 @@ has two rows: the public row (frozen) and the new row, initialised from the doma
 (:mod:`kit.embed`), which trains. With the bias on (default), the router adds a learned bias to
 the new expert's logit, clamped to <= 0 after every step (the public expert's bias is 0 and
 frozen). Embeddings, attention, norms and lm_head are frozen. AdamW without weight decay.
+``router_init="random"`` starts the row from a seeded random unit vector instead of the
+embedding: the paper's ablation of the domain-informed router (bench/reproduce.py).
 
 The artifact (``EXPERT_DIR``) holds only what is new: ``expert.safetensors`` with, per layer,
 the new FFN (``layers.N.{gate,up,down}_proj.weight``), the router row (``layers.N.router``)
@@ -40,13 +42,24 @@ from kit.modelio import (
 )
 from kit.trainer import Schedule, train
 
-__all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "ExpertRun", "build_coordinated", "train_expert"]
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "ROUTER_INITS",
+    "WEIGHTS",
+    "ExpertRun",
+    "build_coordinated",
+    "random_rows",
+    "train_expert",
+    "write_artifact",
+]
 
 FORMAT = "flexgate-expert/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "expert.safetensors"
 PROJ = ("gate_proj", "up_proj", "down_proj")
 MAX_STEPS = 200_000
+ROUTER_INITS = ("embedding", "random")
 ROUTER_LR_SCALE = 0.1
 """The router row and bias learn at a tenth of the FFN's rate: trained on the owner's data
 alone, a row can only learn to take more tokens, so it is kept near its embedding, which
@@ -64,7 +77,8 @@ class ExpertRun:
     complete: bool
 
 
-def _public_state(public: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+def read_public(public: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Config and tensors of a dense public model (refused: an MoE or one with a bias)."""
     config, state = load_state(public)
     if config.num_experts != 1:
         raise KitError(
@@ -101,6 +115,15 @@ def build_coordinated(
         for layer in range(config.num_hidden_layers):
             state[f"model.layers.{layer}.mlp.gate.bias"] = torch.zeros(2)
     return build_model(config, state)
+
+
+def random_rows(layers: int, hidden: int, seed: int) -> torch.Tensor:
+    """``[layers, hidden]`` unit rows of seeded normal entries: the norm of an embedding row
+    (:func:`kit.embed.beside_public`), so only the direction differs from the domain-informed
+    initialisation."""
+    rows = torch.randn(layers, hidden, generator=torch.Generator().manual_seed(seed))
+    out: torch.Tensor = rows / rows.norm(dim=-1, keepdim=True)
+    return out
 
 
 def trainable(model: GovernedFlexOlmoForCausalLM) -> dict[str, torch.nn.Parameter]:
@@ -147,7 +170,7 @@ def artifact_tensors(model: GovernedFlexOlmoForCausalLM) -> dict[str, torch.Tens
 def train_expert(
     public: Path,
     docs: Documents,
-    embedding_file: Path,
+    embedding_file: Path | None,
     out: Path,
     *,
     expert_id: str,
@@ -158,25 +181,30 @@ def train_expert(
     lr: float = 2e-3,
     seq_len: int = 128,
     bias: bool = True,
+    router_init: str = "embedding",
     seed: int = 0,
     force: bool = False,
     checkpoint_every: int = 50,
     world: World | None = None,
     stop_after: int | None = None,
 ) -> ExpertRun:
-    """Train the expert and write its artifact to ``out`` (resuming from ``OUT.partial``)."""
-    from contracts.experts import ID_RULE, is_valid_id  # the one id rule (experts.json)
+    """Train the expert and write its artifact to ``out`` (resuming from ``OUT.partial``).
 
-    if not is_valid_id(expert_id) or expert_id == "public":
-        raise KitError(f"invalid expert id {expert_id!r}: {ID_RULE}, not 'public'")
-    if not owner.strip():
-        raise KitError("--owner must not be empty")
-    if not 1 <= steps <= MAX_STEPS:
-        raise KitError(f"--steps must be between 1 and {MAX_STEPS}")
+    ``embedding_file`` may be None only with ``router_init="random"`` (whose rows come from
+    ``seed``)."""
+    check_expert_args(expert_id, owner, steps)
+    if router_init not in ROUTER_INITS:
+        raise KitError(f"router_init must be one of {', '.join(ROUTER_INITS)}")
+    if embedding_file is None and router_init == "embedding":
+        raise KitError("an embedding file is needed unless router_init='random'")
     prepare_out(out, force)
     world = world or init_world()
-    config, state = _public_state(public)
-    emb = read_embedding(embedding_file, config.num_hidden_layers, config.hidden_size)
+    config, state = read_public(public)
+    if router_init == "random":
+        emb = random_rows(config.num_hidden_layers, config.hidden_size, seed)
+    else:
+        assert embedding_file is not None
+        emb = read_embedding(embedding_file, config.num_hidden_layers, config.hidden_size)
     tokenizer = load_tokenizer(public)
     seq_len = min(seq_len, config.max_position_embeddings)
     blocks = tokenize_blocks(tokenizer, docs.texts, seq_len)
@@ -212,32 +240,67 @@ def train_expert(
     if len(result.losses) < steps:
         return ExpertRun(out, model, result.losses, complete=False)
     if world.main:
-        manifest = {
-            "format": FORMAT,
-            "id": expert_id,
-            "owner": owner,
-            "description": description or f"expert {expert_id}",
-            "public_fingerprint": fingerprint(state),
-            "public_shapes": {
-                "hidden_size": config.hidden_size,
-                "intermediate_size": config.intermediate_size,
-                "num_hidden_layers": config.num_hidden_layers,
-                "vocab_size": config.vocab_size,
-            },
-            "documents": len(docs.texts),
-            "files": docs.files,
-            "skipped_not_utf8": docs.skipped_not_utf8,
-            "skipped_empty": docs.skipped_empty,
-            "tokens_available": int(blocks.numel()),
-            "tokens_seen": result.tokens,
-            "router_bias": bias,
-            "final_loss": result.losses[-1],
-            "first_loss": result.losses[0],
-            "settings": {**asdict(schedule), "seq_len": seq_len, "top_k": 2},
-        }
-        with atomic_dir(out) as tmp:
-            save_file(artifact_tensors(model), str(tmp / WEIGHTS), metadata={"format": FORMAT})
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = base_manifest(expert_id, owner, description, config, state, docs, blocks)
+        manifest.update(
+            {
+                "tokens_seen": result.tokens,
+                "router_bias": bias,
+                "router_init": router_init,
+                "final_loss": result.losses[-1],
+                "first_loss": result.losses[0],
+                "settings": {**asdict(schedule), "seq_len": seq_len, "top_k": 2},
+            }
+        )
+        write_artifact(out, artifact_tensors(model), manifest)
         shutil.rmtree(work, ignore_errors=True)
     world.barrier()
     return ExpertRun(out, model, result.losses, complete=True)
+
+
+def check_expert_args(expert_id: str, owner: str, steps: int) -> None:
+    """The id, owner and step count every expert-training command takes, checked."""
+    from contracts.experts import ID_RULE, is_valid_id  # the one id rule (experts.json)
+
+    if not is_valid_id(expert_id) or expert_id == "public":
+        raise KitError(f"invalid expert id {expert_id!r}: {ID_RULE}, not 'public'")
+    if not owner.strip():
+        raise KitError("--owner must not be empty")
+    if not 1 <= steps <= MAX_STEPS:
+        raise KitError(f"--steps must be between 1 and {MAX_STEPS}")
+
+
+def base_manifest(
+    expert_id: str,
+    owner: str,
+    description: str | None,
+    config: Any,
+    state: dict[str, torch.Tensor],
+    docs: Documents,
+    blocks: torch.Tensor,
+) -> dict[str, Any]:
+    """The manifest fields that say who trained what on which public model (no text)."""
+    return {
+        "format": FORMAT,
+        "id": expert_id,
+        "owner": owner,
+        "description": description or f"expert {expert_id}",
+        "public_fingerprint": fingerprint(state),
+        "public_shapes": {
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "vocab_size": config.vocab_size,
+        },
+        "documents": len(docs.texts),
+        "files": docs.files,
+        "skipped_not_utf8": docs.skipped_not_utf8,
+        "skipped_empty": docs.skipped_empty,
+        "tokens_available": int(blocks.numel()),
+    }
+
+
+def write_artifact(out: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+    """``out``/expert.safetensors and manifest.json, written into a folder renamed at the end."""
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

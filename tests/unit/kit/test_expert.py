@@ -121,3 +121,23 @@ def test_bad_inputs(
     with pytest.raises(KitError, match=r"config\.json: missing"):
         train_expert(tmp_path, docs, embedding_file, tmp_path / "x", expert_id="c", owner="a")
     assert not (tmp_path / "x").exists()
+
+
+def test_random_router_init(tmp_path: Path, public_dir: Path, code_data: Path) -> None:
+    from kit.expert import random_rows
+
+    docs = read_documents([code_data])
+    kw = dict(expert_id="code", owner="alice", steps=1, batch_size=4, seq_len=32, lr=1e-9)
+    run = train_expert(public_dir, docs, None, tmp_path / "r", router_init="random", seed=5, **kw)  # type: ignore[arg-type]
+    rows = random_rows(2, 32, 5)
+    assert torch.allclose(rows.norm(dim=-1), torch.ones(2))
+    assert torch.equal(rows, random_rows(2, 32, 5)) and not torch.equal(rows, random_rows(2, 32, 6))
+    tensors = load_file(str(run.path / "expert.safetensors"))
+    for i in range(2):  # one step at a negligible rate: the row is still (almost) its start
+        torch.testing.assert_close(tensors[f"layers.{i}.router"], rows[i], atol=1e-6, rtol=0)
+    assert json.loads((run.path / "manifest.json").read_text())["router_init"] == "random"
+    with pytest.raises(KitError, match="router_init must be one of"):
+        train_expert(public_dir, docs, None, tmp_path / "x", router_init="zeros", **kw)  # type: ignore[arg-type]
+    with pytest.raises(KitError, match="embedding file is needed"):
+        train_expert(public_dir, docs, None, tmp_path / "x", **kw)  # type: ignore[arg-type]
+    assert not (tmp_path / "x").exists()
