@@ -18,9 +18,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy engine audit governance gateway contracts kit
 
-# pytest exits 5 when it collected nothing: that is a failure here, never a pass.
+# Two pytest-xdist workers, each taking whole files (a module's shared servers and models are
+# built once); PYTEST_WORKERS=0 runs the suite in one process. pytest exits 5 when it
+# collected nothing: that is a failure here, never a pass.
+PYTEST_WORKERS ?= 2
 test: $(STAMP) lint
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "FAIL: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The README's first command: migrate, build the demo model once, create the demo principals

@@ -97,11 +97,12 @@ def pretrain_cmd(
     """Train a small dense public model and its byte-level BPE tokenizer from scratch.
 
     An interrupted run resumes from OUT.partial (at most one checkpoint interval is lost)."""
+    docs = _docs(data)  # bad --data fails before torch is imported
     from kit.distributed import init_world
     from kit.pretrain import pretrain
 
     pretrain(
-        _docs(data),
+        docs,
         out,
         size=size,
         steps=steps,
@@ -129,9 +130,10 @@ def pretrain_cmd(
 @_kit_errors
 def expert_embed(public: Path, data: tuple[Path, ...], out: Path, method: str, force: bool) -> None:
     """The domain embedding that initialises a new expert's router row."""
+    docs = _docs(data)  # bad --data fails before torch is imported
     from kit.embed import run_embed
 
-    run_embed(public, _docs(data), out, method, force)
+    run_embed(public, docs, out, method, force)
     click.echo(str(out))
 
 
@@ -172,12 +174,13 @@ def expert_train(
     """Train one expert against the frozen public model (FlexOlmo's coordinated training).
 
     The artifact holds only the new FFN per layer, its router row and bias, and a manifest."""
+    docs = _docs(data)  # bad --data fails before torch is imported
     from kit.distributed import init_world
     from kit.expert import train_expert
 
     train_expert(
         public,
-        _docs(data),
+        docs,
         embedding,
         out,
         expert_id=expert_id,

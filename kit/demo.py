@@ -72,6 +72,11 @@ def _write_split(folder: Path, train: list[str], valid: list[str]) -> None:
 
 def build_demo(home: Path, *, force: bool = False, quick: bool = False) -> Path | None:
     """Build ``home/demo-model`` unless it exists (``force`` rebuilds); returns its path."""
+    model_dir = home / "demo-model"
+    if model_dir.exists() and not force:
+        _say(f"{model_dir} exists; nothing to do (--force rebuilds)")
+        return model_dir
+    # after the check: an existing model costs no import of transformers' model code
     from engine.api import load_engine
     from kit.distributed import init_world
     from kit.embed import run_embed
@@ -80,10 +85,6 @@ def build_demo(home: Path, *, force: bool = False, quick: bool = False) -> Path 
     from kit.merge import merge
     from kit.pretrain import pretrain
 
-    model_dir = home / "demo-model"
-    if model_dir.exists() and not force:
-        _say(f"{model_dir} exists; nothing to do (--force rebuilds)")
-        return model_dir
     plan = QUICK if quick else FULL
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -22,6 +22,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 PG_ENV = "FLEXGATE_TEST_DATABASE_URL"
 
+# Under pytest-xdist (`make test` runs two workers) each worker's torch would start an OpenMP
+# team as large as the machine, so the workers together would run more threads than there are
+# cores and every small operator would pay a wake-up (DESIGN.md, "Threads"). Each worker takes
+# its share of the cores instead (set before any test imports torch); the servers and commands
+# a test starts inherit it.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _XDIST_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
+
 
 def pg_base_url() -> str | None:
     return os.environ.get(PG_ENV) or None

@@ -38,7 +38,7 @@ PRINCIPALS: list[tuple[str, list[str]]] = [
     ("root", ["admin"]),
 ]
 REPO = Path(__file__).resolve().parents[2]
-READY_S = 120.0
+READY_S = 300.0  # a hang guard: two servers importing torch on a loaded machine took > 120 s
 
 
 def free_port() -> int:

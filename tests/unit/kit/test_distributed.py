@@ -1,4 +1,9 @@
-"""Several processes (torchrun, gloo on the CPU) train to the weights of one process."""
+"""Several processes (torchrun, gloo on the CPU) train to the weights of one process.
+
+The one-process run is the same command through the entry point in this test's process (one
+torch thread, as OMP_NUM_THREADS=1 gives the ranks): a third interpreter would only add its
+start-up.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,28 @@ import sys
 from pathlib import Path
 
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
+
+from gateway.cli import cli
 
 
 def _run(args: list[str], procs: int | None) -> None:
+    if not procs:
+        assert torch.get_num_threads() == 1  # the kit's conftest sets it for every test
+        result = CliRunner().invoke(cli, args, prog_name="flexgate", catch_exceptions=False)
+        assert result.exit_code == 0, result.stderr[-3000:]
+        return
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={procs}",
-            "-m",
-            "gateway.cli",
-        ]
-        if procs
-        else [sys.executable, "-m", "gateway.cli"]
-    )
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={procs}",
+        "-m",
+        "gateway.cli",
+    ]
     r = subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
 

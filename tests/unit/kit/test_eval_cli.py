@@ -1,16 +1,27 @@
+"""`flexgate model eval` and `flexgate model router-tune` through the real entry point.
+
+In this process (click's runner on `gateway.cli.cli`): each command would otherwise pay a
+fresh interpreter's import of torch and transformers, several times per test. The exit code,
+stdout and stderr are the process's; an exception escaping a command fails the test, as its
+traceback would. The real process is tested in test_cli_wiring and test_pretrain.
+"""
+
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
+from click.testing import CliRunner
+
+from gateway.cli import cli
 from kit.merge import merge
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=180
+    result = CliRunner().invoke(cli, list(args), prog_name="flexgate", catch_exceptions=False)
+    return subprocess.CompletedProcess(
+        ["flexgate", *args], result.exit_code, result.stdout, result.stderr
     )
 
 
