@@ -164,9 +164,25 @@ def gateway_call(client: httpx.AsyncClient, ids: list[int], stream: bool) -> Any
     return one
 
 
-async def seed(db_url: str) -> dict[str, str]:
+async def check_expert_set(client: httpx.AsyncClient, ids: list[int], name: str) -> None:
+    """Refuse to measure a server that would not run the in-process side's expert set."""
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 1, "temperature": 0}
+    r = await client.post("/v1/completions", json=body)
+    r.raise_for_status()
+    allowed = sorted(r.json()["flexgate"]["experts"]["allowed"])
+    if allowed != sorted(EXPERTS):
+        raise SystemExit(f"{name}: the server runs {allowed}, not {sorted(EXPERTS)}")
+
+
+async def seed(db_url: str, model_dir: Path) -> dict[str, str]:
+    """Principals and keys, and a license on every expert for the application: the gateway
+    side must run the very expert set the in-process side is given (EXPERTS), or the two
+    compare different models (a first version of this script licensed none, so its server ran
+    the public expert alone)."""
+    from governance.experts import sync_experts
     from governance.identity import Identity
     from governance.keys import create_key
+    from governance.licenses import grant_license
     from governance.principals import add_principal
 
     op = Identity.operator()
@@ -174,21 +190,30 @@ async def seed(db_url: str) -> dict[str, str]:
     engine = make_engine(db_url)
     try:
         async with make_sessionmaker(engine)() as s:
+            await sync_experts(s, actor=op, model_dir=model_dir)
             for pid, role in (
                 ("bench-app", "application"),
                 ("bench-officer", "compliance_officer"),
             ):
                 await add_principal(s, actor=op, principal_id=pid, roles=[role])
                 _row, keys[pid] = await create_key(s, actor=op, principal_id=pid)
+            for expert in EXPERTS[1:]:
+                await grant_license(s, actor=op, expert_id=expert, grantee="bench-app")
     finally:
         await engine.dispose()
     return keys
 
 
 async def start(
-    db_url: str, home: Path, model_dir: Path, workers: int, repo: Path = REPO
+    db_url: str,
+    home: Path,
+    model_dir: Path,
+    workers: int,
+    repo: Path = REPO,
+    probe: Path | None = None,
 ) -> tuple[asyncio.subprocess.Process, str]:
-    """`flexgate serve` of the checkout `repo` (its own code: PYTHONPATH and cwd)."""
+    """`flexgate serve` of the checkout `repo` (its own code: PYTHONPATH and cwd); with `probe`,
+    bench/gateway_probe times the request's steps into that file."""
     import socket
 
     with socket.socket() as sock:
@@ -207,6 +232,9 @@ async def start(
         "FLEXGATE_RATE_MAX_PARALLEL": "10000",
     }
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    if probe is not None:
+        env["PYTHONPATH"] = f"{REPO / 'bench' / 'gateway_probe'}{os.pathsep}{repo}"
+        env["GATEWAY_PROBE"] = str(probe)
     log = (home / f"serve-{port}.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -251,7 +279,7 @@ def spread(values: list[float]) -> str:
 
 
 async def part1(args: argparse.Namespace, db_url: str, home: Path, model_dir: Path) -> list[str]:
-    keys = await seed(db_url)
+    keys = await seed(db_url, model_dir)
     eng = load_engine(model_dir)
     ids = list(eng.tokenizer(PROMPT)["input_ids"])
     servers = {"gateway": await start(db_url, home, model_dir, 1)}
@@ -261,7 +289,7 @@ async def part1(args: argparse.Namespace, db_url: str, home: Path, model_dir: Pa
         base_home.mkdir()
         base_db = f"sqlite+aiosqlite:///{base_home / 'flexgate.db'}"
         await asyncio.to_thread(upgrade, base_db)
-        tokens["baseline"] = (await seed(base_db))["bench-app"]
+        tokens["baseline"] = (await seed(base_db, model_dir))["bench-app"]
         servers["baseline"] = await start(base_db, base_home, model_dir, 1, args.baseline)
     sides = ["engine", *servers]
     results: dict[tuple[str, int, str], list[dict[str, float]]] = {}
@@ -286,6 +314,8 @@ async def part1(args: argparse.Namespace, db_url: str, home: Path, model_dir: Pa
                 return engine_call(eng, ids, stream)
             return gateway_call(clients[where], ids, stream)
 
+        for name, client in clients.items():
+            await check_expert_set(client, ids, name)
         # warm-up: every side, both paths
         for n in CONCURRENCY:
             for where in sides:
@@ -361,6 +391,56 @@ def overhead(
         f"tokens/s = {statistics.median(ratio):.2f}x the engine's "
         f"({min(ratio):.2f}-{max(ratio):.2f})"
     )
+
+
+async def part3(args: argparse.Namespace, db_url: str, home: Path, model_dir: Path) -> list[str]:
+    """Where one client's request spends its time: the server's steps (bench/gateway_probe)
+    against the whole request as the client sees it, and the same generation in-process."""
+    keys = await seed(db_url, model_dir)
+    probe = home / "probe.jsonl"
+    proc, url = await start(db_url, home, model_dir, 1, probe=probe)
+    eng = load_engine(model_dir)
+    ids = list(eng.tokenizer(PROMPT)["input_ids"])
+    client = httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {keys['bench-app']}"}, timeout=300
+    )
+    walls: dict[str, list[float]] = {"engine": [], "gateway": []}
+    try:
+        await check_expert_set(client, ids, "gateway")
+        calls = {
+            "engine": engine_call(eng, ids, False),
+            "gateway": gateway_call(client, ids, False),
+        }
+        for i in range(args.breakdown + 5):  # the first 5 of each: warm-up
+            for where, one in calls.items():
+                await asyncio.sleep(0.05)
+                t0 = time.perf_counter()
+                await one()
+                if i >= 5:
+                    walls[where].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        await client.aclose()
+        await stop(proc)
+        eng.close()
+    rows = [json.loads(line) for line in probe.read_text().splitlines()][-args.breakdown :]
+    steps = ("auth", "version_read", "limiter", "engine", "ledger", "handler")
+    lines = [
+        f"1 client, {args.breakdown} sequential requests each way, medians (p90):",
+        "",
+        "| step | ms |",
+        "| --- | --- |",
+    ]
+    for step in steps:
+        values = [r.get(step, 0.0) for r in rows]
+        lines.append(
+            f"| server: {step} | {statistics.median(values):.2f} ({percentile(values, 0.9):.2f}) |"
+        )
+    for where in ("gateway", "engine"):
+        lines.append(
+            f"| whole request, {where} | {statistics.median(walls[where]):.2f} "
+            f"({percentile(walls[where], 0.9):.2f}) |"
+        )
+    return lines
 
 
 async def part2(args: argparse.Namespace, db_url: str, home: Path, model_dir: Path) -> list[str]:
@@ -500,6 +580,13 @@ async def main() -> None:
     ap.add_argument("--skip-kill", action="store_true")
     ap.add_argument("--skip-compare", action="store_true")
     ap.add_argument(
+        "--breakdown",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time the server's steps over N sequential requests (bench/gateway_probe)",
+    )
+    ap.add_argument(
         "--baseline",
         type=Path,
         default=None,
@@ -523,6 +610,13 @@ async def main() -> None:
         home.mkdir()
         await asyncio.to_thread(upgrade, db_url)
         for line in await part1(args, db_url, home, model_dir):
+            print(line)
+    if args.breakdown:
+        home = work / "home3"
+        db_url = args.database_url or f"sqlite+aiosqlite:///{home / 'flexgate.db'}"
+        home.mkdir()
+        await asyncio.to_thread(upgrade, db_url)
+        for line in await part3(args, db_url, home, model_dir):
             print(line)
     if not args.skip_kill:
         home = work / "home2"
