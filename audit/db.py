@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import MetaData, event
+from sqlalchemy import Engine, MetaData, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -59,7 +59,7 @@ SQLITE_PRAGMAS = (
 )
 
 
-def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+def sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     for pragma in SQLITE_PRAGMAS:
         cur.execute(pragma)
@@ -85,10 +85,24 @@ def make_engine(url: str | None = None, **kwargs: Any) -> AsyncEngine:
             except OSError as exc:
                 raise DatabaseUnavailable(f"cannot create the database file: {exc}") from exc
         engine = create_async_engine(url, **kwargs)
-        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        event.listen(engine.sync_engine, "connect", sqlite_on_connect)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_async_engine(url, **kwargs)
+
+
+def sync_sqlite_engine(engine: AsyncEngine) -> Engine | None:
+    """A synchronous engine on the same SQLite file as `engine`, with its pragmas, for code
+    that runs a whole transaction on a thread of its own (one hand-off instead of several per
+    statement through aiosqlite, each waiting for the GIL while the engine's scheduler thread
+    decodes). None for PostgreSQL, whose driver is natively async, and for an in-memory
+    database (another connection would see another database)."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    sync = create_engine(url.set(drivername="sqlite"))
+    event.listen(sync, "connect", sqlite_on_connect)
+    return sync
 
 
 def create_private_file(path: Path) -> None:

@@ -111,7 +111,8 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
         oidc = OidcSettings.from_env()
         state.jwt = JwtVerifier(oidc) if oidc is not None else None
         state.key_cache = KeyCache()
-        state.versions = VersionReads(sessionmaker)
+        state.versions = VersionReads(sessionmaker, db)
+        stack.push_async_callback(state.versions.close)
         state.routes = route_snapshot()
         state.policy = PolicyStore()
         inflight = InflightRegistry()

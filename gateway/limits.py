@@ -41,15 +41,32 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, event, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Table,
+    bindparam,
+    delete,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from audit.db import is_sqlite, make_engine, make_sessionmaker, translate_errors
+from audit.db import (
+    is_sqlite,
+    make_engine,
+    make_sessionmaker,
+    sync_sqlite_engine,
+    translate_errors,
+)
 from contracts.settings import Settings
 from gateway.errors import RATE_LIMIT, ApiError
 from gateway.rate_state import RateBucket, RateLease
@@ -293,17 +310,22 @@ class Limiter:
         self._queue: list[_Release | _Admit] = []
         self._runner: asyncio.Task[None] | None = None
         self._sql = _Statements(self._pg)
+        self._sync_engine = sync_sqlite_engine(self.engine)
+        if self._sync_engine is not None:  # the same relaxed durability as the async engine's
+            event.listen(self._sync_engine, "connect", _relaxed_sqlite)
+        self._thread: ThreadPoolExecutor | None = None
 
     async def close(self) -> None:
         """Apply what is queued, then let go of the database."""
         while self._runner is not None and not self._runner.done():
             await asyncio.wait({self._runner})
+        thread, self._thread = self._thread, None
+        if thread is not None:  # a later batch starts another (close() may come twice)
+            assert self._sync_engine is not None
+            await asyncio.get_running_loop().run_in_executor(thread, self._sync_engine.dispose)
+            thread.shutdown(wait=False)
         if self._own_engine:
             await self.engine.dispose()
-
-    async def _begin(self, session: AsyncSession) -> None:
-        if self._pg:
-            await session.execute(text("SET LOCAL synchronous_commit = off"))
 
     async def limits_for(self, session: AsyncSession, key_id: str | None) -> EffectiveLimits:
         row = None if key_id is None else await session.get(KeyLimit, key_id)
@@ -392,55 +414,76 @@ class Limiter:
                     op.done.set_result(outcome)
 
     async def _apply(self, batch: list[_Release | _Admit]) -> list[Any]:
-        """One transaction for `batch`: releases first (they only free), then admissions in
-        arrival order. Returns, per op, None (release), an Admission or a RateLimited."""
+        """One transaction for `batch` (see `_apply_in`). On a SQLite file it runs whole on the
+        limiter's own thread and synchronous connection: one thread hand-off per batch instead
+        of several per statement through aiosqlite (each waits for the GIL the engine's
+        scheduler thread holds while it decodes). PostgreSQL's driver is natively async: the
+        same function runs there through `run_sync`."""
+        async with translate_errors():
+            if self._sync_engine is not None:
+                if self._thread is None:
+                    self._thread = ThreadPoolExecutor(1, thread_name_prefix="rate-limiter")
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._thread, self._apply_sqlite, batch)
+            async with self.engine.begin() as conn:
+                await conn.execute(text("SET LOCAL synchronous_commit = off"))
+                return await conn.run_sync(self._apply_in, batch)
+
+    def _apply_sqlite(self, batch: list[_Release | _Admit]) -> list[Any]:
+        assert self._sync_engine is not None
+        with self._sync_engine.begin() as conn:
+            return self._apply_in(conn, batch)
+
+    def _apply_in(self, conn: Connection, batch: list[_Release | _Admit]) -> list[Any]:
+        """`batch` in the transaction of `conn`: releases first (they only free), then
+        admissions in arrival order. Returns, per op, None (release), an Admission or a
+        RateLimited. Runs off the event loop's coroutines (no awaits): its futures are
+        settled by `_run` afterwards."""
         sql = self._sql
         keys = sorted({op.key for op in batch})
         outcomes: list[Any] = [None] * len(batch)
-        async with translate_errors(), self._sessions() as session, session.begin():
-            await self._begin(session)
-            buckets: dict[str, _Bucket] = {}
-            for key in keys:
-                # One statement creates the key's row or locks it, and reads it: a write, so
-                # on SQLite it takes the write lock before anything is read (the read cannot
-                # go stale; the same order as governance.changes), on PostgreSQL the row lock.
-                row = (await session.execute(sql.lock, {"key": key, **_EMPTY})).one()
-                buckets[key] = _Bucket(float(row.requests), float(row.tokens), float(row.at))
-            now = self.clock()
-            dropped = [op.lease_id for op in batch if isinstance(op, _Release) and op.lease_id]
-            if dropped:
-                await session.execute(sql.drop, {"ids": dropped})
-            for op in batch:
-                if isinstance(op, _Release):
-                    buckets[op.key].tokens += op.refund  # refilled (and capped) when next read
-            leases: list[dict[str, Any]] = []
-            for i, op in enumerate(batch):
-                if not isinstance(op, _Admit):
-                    continue
-                bucket = buckets[op.key]
-                if op.limits.max_parallel and bucket.running is None:
-                    counted = await session.scalar(sql.running, {"key": op.key, "now": now})
-                    bucket.running = int(counted or 0)
-                outcome = outcomes[i] = self._decide(op, bucket, now)
-                if isinstance(outcome, Admission) and outcome.lease_id is not None:
-                    leases.append(
-                        {
-                            "id": outcome.lease_id,
-                            "key": op.key,
-                            "owner": self.owner,
-                            "started": now,
-                            "expires": now + self.settings.rate_lease_seconds,
-                        }
-                    )
-            await session.execute(
-                sql.store,
-                [
-                    {"b_key": k, "b_requests": b.requests, "b_tokens": b.tokens, "b_at": b.at}
-                    for k, b in buckets.items()
-                ],
-            )
-            if leases:
-                await session.execute(sql.lease, leases)
+        buckets: dict[str, _Bucket] = {}
+        for key in keys:
+            # One statement creates the key's row or locks it, and reads it: a write, so
+            # on SQLite it takes the write lock before anything is read (the read cannot
+            # go stale; the same order as governance.changes), on PostgreSQL the row lock.
+            row = conn.execute(sql.lock, {"key": key, **_EMPTY}).one()
+            buckets[key] = _Bucket(float(row.requests), float(row.tokens), float(row.at))
+        now = self.clock()
+        dropped = [op.lease_id for op in batch if isinstance(op, _Release) and op.lease_id]
+        if dropped:
+            conn.execute(sql.drop, {"ids": dropped})
+        for op in batch:
+            if isinstance(op, _Release):
+                buckets[op.key].tokens += op.refund  # refilled (and capped) when next read
+        leases: list[dict[str, Any]] = []
+        for i, op in enumerate(batch):
+            if not isinstance(op, _Admit):
+                continue
+            bucket = buckets[op.key]
+            if op.limits.max_parallel and bucket.running is None:
+                counted = conn.scalar(sql.running, {"key": op.key, "now": now})
+                bucket.running = int(counted or 0)
+            outcome = outcomes[i] = self._decide(op, bucket, now)
+            if isinstance(outcome, Admission) and outcome.lease_id is not None:
+                leases.append(
+                    {
+                        "id": outcome.lease_id,
+                        "key": op.key,
+                        "owner": self.owner,
+                        "started": now,
+                        "expires": now + self.settings.rate_lease_seconds,
+                    }
+                )
+        conn.execute(
+            sql.store,
+            [
+                {"b_key": k, "b_requests": b.requests, "b_tokens": b.tokens, "b_at": b.at}
+                for k, b in buckets.items()
+            ],
+        )
+        if leases:
+            conn.execute(sql.lease, leases)
         return outcomes
 
     def _decide(self, op: _Admit, bucket: _Bucket, now: float) -> Admission | RateLimited:

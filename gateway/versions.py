@@ -12,17 +12,26 @@ the pool.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from governance.changes import read_version
+from audit.db import sync_sqlite_engine
+from governance.changes import read_version, read_version_sync
 
 
 class VersionReads:
     """Shared reads of the policy version (one per worker; see the module docstring)."""
 
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self, sessionmaker: async_sessionmaker[AsyncSession], engine: AsyncEngine | None = None
+    ) -> None:
+        """`engine`: the sessions' engine; on a SQLite file each read then runs on a thread
+        of its own with a synchronous connection, one hand-off instead of several per read
+        through aiosqlite (audit.db.sync_sqlite_engine)."""
         self._sessionmaker = sessionmaker
+        self._sync = None if engine is None else sync_sqlite_engine(engine)
+        self._thread: ThreadPoolExecutor | None = None
         self._next: asyncio.Future[int] | None = None
         """The read that has not started yet: requests arriving now wait for it."""
         self._reader: asyncio.Task[None] | None = None
@@ -45,8 +54,7 @@ class VersionReads:
         while self._next is not None:
             done, self._next = self._next, None
             try:
-                async with self._sessionmaker() as session:
-                    version = await read_version(session)
+                version = await self._read()
                 self.reads += 1
             except Exception as exc:  # every request waiting on this read fails alike
                 if not done.done():
@@ -55,3 +63,24 @@ class VersionReads:
                 continue
             if not done.done():
                 done.set_result(version)
+
+    async def _read(self) -> int:
+        if self._sync is None:
+            async with self._sessionmaker() as session:
+                return await read_version(session)
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="policy-version")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._read_sync)
+
+    def _read_sync(self) -> int:
+        assert self._sync is not None
+        with self._sync.connect() as connection:
+            return read_version_sync(connection)
+
+    async def close(self) -> None:
+        """Let go of the synchronous engine and its thread (a later read starts them again)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            assert self._sync is not None
+            await asyncio.get_running_loop().run_in_executor(thread, self._sync.dispose)
+            thread.shutdown(wait=False)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit import ledger
@@ -69,7 +69,15 @@ comparisons, coercions) cost more than running it."""
 
 
 async def read_version(session: AsyncSession) -> int:
-    value = (await session.execute(_VERSION)).scalar_one_or_none()
+    return _version((await session.execute(_VERSION)).scalar_one_or_none())
+
+
+def read_version_sync(connection: Connection) -> int:
+    """`read_version` on a synchronous connection (gateway.versions' SQLite path)."""
+    return _version(connection.execute(_VERSION).scalar_one_or_none())
+
+
+def _version(value: int | None) -> int:
     if value is None:
         raise RuntimeError("policy_state row is missing: run `flexgate db upgrade`")
     return int(value)

@@ -94,3 +94,33 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_others() -> None:
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert await stays == 1
+
+
+async def test_reads_on_a_real_database_see_each_committed_change(db_url: str) -> None:
+    """With its engine, VersionReads reads the real policy_state row (on a SQLite file:
+    through its own thread and synchronous connection) and sees a change committed through
+    another engine on the very next read."""
+    from audit.db import make_engine, make_sessionmaker
+    from governance.changes import read_version
+    from governance.identity import Identity
+    from governance.principals import add_principal
+
+    db = make_engine(db_url)
+    other = make_engine(db_url)
+    reads = VersionReads(make_sessionmaker(db), db)
+    try:
+        assert (reads._sync is not None) == db_url.startswith("sqlite")
+        async with make_sessionmaker(other)() as s:
+            before = await read_version(s)
+        assert await reads.current() == before
+        async with make_sessionmaker(other)() as s:
+            await add_principal(
+                s, actor=Identity.operator(), principal_id="app-v", roles=["application"]
+            )
+        assert await reads.current() == before + 1
+        await reads.close()
+        assert await reads.current() == before + 1  # usable again after close
+    finally:
+        await reads.close()
+        await db.dispose()
+        await other.dispose()
