@@ -58,5 +58,13 @@ def test_two_processes_match_one(tmp_path: Path, public_data: Path) -> None:
     b = load_file(str(tmp_path / "two" / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4, msg=key)
+        # The two runs sum the same gradients in another order (two half-batches all-reduced
+        # against one batch), and AdamW's normalised update amplifies that rounding where a
+        # gradient is near zero: single elements drift apart by a few 1e-5 after 3 steps on
+        # some CPUs. A rank that trained on the wrong shard (or a different batch) moves
+        # whole tensors, by 1e-2 of their norm or more after 3 steps: the norm of the difference
+        # tells the two apart where one element does not.
+        diff = (a[key] - b[key]).norm() / a[key].norm()
+        assert diff < 1e-4, f"{key}: relative difference {diff:.2e}"
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3, msg=key)
     assert not (tmp_path / "two.partial").exists()
