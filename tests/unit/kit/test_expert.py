@@ -132,11 +132,28 @@ def test_bias_init_must_be_below_zero(
     assert run.complete
 
 
-def test_cli_bias_init_default_is_the_kit_default() -> None:
+def test_cli_bias_init(
+    tmp_path: Path, public_dir: Path, code_data: Path, embedding_file: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
     from kit.cli import expert_train
 
     option = next(p for p in expert_train.params if p.name == "bias_init")
     assert option.default == BIAS_INIT
+    args = ["expert", "train", "--public", str(public_dir), "--data", str(code_data)]
+    args += ["--embedding", str(embedding_file), "--id", "code", "--owner", "alice"]
+    args += ["--steps", "1", "--batch-size", "4"]
+    bad = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "x"), "--bias-init", "0"])
+    assert bad.exit_code == 2 and "--bias-init" in bad.output
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "e"
+    good = CliRunner().invoke(cli, [*args, "--out", str(out), "--bias-init", "-2.5"])
+    assert good.exit_code == 0, good.output
+    assert json.loads((out / "manifest.json").read_text())["router_bias_init"] == -2.5
+    tensors = load_file(str(out / "expert.safetensors"))
+    assert all(-2.6 < float(tensors[f"layers.{i}.bias"]) < -2.4 for i in range(2))
 
 
 def test_resume_equals_uninterrupted(
