@@ -149,6 +149,13 @@ def expert_embed(public: Path, data: tuple[Path, ...], out: Path, method: str, f
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=2e-3)
 @click.option("--no-bias", is_flag=True, help="No learned negative bias on the new expert.")
+@click.option(
+    "--bias-init",
+    type=click.FloatRange(max=0.0, max_open=True),
+    default=-1.0,
+    show_default=True,
+    help="Where the new expert's router bias starts (below 0; it is clamped to <= 0).",
+)
 @click.option("--checkpoint-every", type=click.IntRange(1), default=50, show_default=True)
 @_SEED
 @_DEVICE
@@ -166,6 +173,7 @@ def expert_train(
     batch_size: int,
     lr: float,
     no_bias: bool,
+    bias_init: float,
     checkpoint_every: int,
     seed: int,
     device: str | None,
@@ -190,6 +198,7 @@ def expert_train(
         batch_size=batch_size,
         lr=lr,
         bias=not no_bias,
+        bias_init=bias_init,
         seed=seed,
         force=force,
         checkpoint_every=checkpoint_every,

@@ -4,8 +4,9 @@ Coordinated training as in the FlexOlmo paper: the public model becomes a 2-expe
 2. Expert 0 is the public FFN (frozen); expert 1 starts as a copy of it and trains. The router
 has two rows: the public row (frozen) and the new row, initialised from the domain embedding
 (:mod:`kit.embed`), which trains. With the bias on (default), the router adds a learned bias to
-the new expert's logit, clamped to <= 0 after every step (the public expert's bias is 0 and
-frozen). Embeddings, attention, norms and lm_head are frozen. AdamW without weight decay.
+the new expert's logit, starting at ``bias_init`` (< 0, :data:`BIAS_INIT` by default) and
+clamped to <= 0 after every step (the public expert's bias is 0 and frozen). Embeddings,
+attention, norms and lm_head are frozen. AdamW without weight decay.
 ``router_init="random"`` starts the row from a seeded random unit vector instead of the
 embedding: the paper's ablation of the domain-informed router (bench/reproduce.py).
 
@@ -43,6 +44,7 @@ from kit.modelio import (
 from kit.trainer import Schedule, train
 
 __all__ = [
+    "BIAS_INIT",
     "FORMAT",
     "MANIFEST",
     "ROUTER_INITS",
@@ -64,6 +66,17 @@ ROUTER_LR_SCALE = 0.1
 """The router row and bias learn at a tenth of the FFN's rate: trained on the owner's data
 alone, a row can only learn to take more tokens, so it is kept near its embedding, which
 tells the owner's text from other text (docs/kit.md, "Routing")."""
+BIAS_INIT = -1.0
+"""Where the new expert's router bias starts (the public expert's is 0). Trained on the owner's
+text alone, the gradient always asks for a larger logit for the new expert: a bias started at 0
+was held there by the clamp in every layer of every expert (docs/reproduction.md), so it never
+acted and ``--no-bias`` trained the same expert. Started below 0 it stays below 0 for runs of
+the kit's length (Adam moves it by at most about the sum of its step sizes, a tenth of the FFN's
+learning rate), so the expert is trained, and with ``merge(keep_bias=True)`` served, with the
+public expert favoured by this much in the logits. FlexOlmo's reference router
+(allenai/FlexOlmo, ``MoERouterWithExpertBias``) also adds ``min(bias, 0)`` to every non-public
+expert's logit; its initialisation is left undefined there (``torch.empty``; a commented-out
+truncated normal in [-0.06, 0]), so this value is the kit's choice, measured in docs/kit.md."""
 
 
 @dataclass
@@ -95,8 +108,10 @@ def build_coordinated(
     public_state: dict[str, torch.Tensor],
     embedding: torch.Tensor,
     bias: bool,
+    bias_init: float = BIAS_INIT,
 ) -> GovernedFlexOlmoForCausalLM:
-    """The 2-expert model: [public FFN, copy of it], router rows [public, embedding]."""
+    """The 2-expert model: [public FFN, copy of it], router rows [public, embedding], biases
+    [0, ``bias_init``] when ``bias``."""
     config = public_config.__class__.from_dict(public_config.to_dict())
     config.num_experts = 2
     config.num_experts_per_tok = 2
@@ -113,7 +128,7 @@ def build_coordinated(
             state[key] = value.clone()
     if bias:
         for layer in range(config.num_hidden_layers):
-            state[f"model.layers.{layer}.mlp.gate.bias"] = torch.zeros(2)
+            state[f"model.layers.{layer}.mlp.gate.bias"] = torch.tensor([0.0, bias_init])
     return build_model(config, state)
 
 
@@ -149,6 +164,9 @@ def _mask_public(model: GovernedFlexOlmoForCausalLM) -> None:
 
 
 def _clamp_bias(model: GovernedFlexOlmoForCausalLM) -> None:
+    """Keep the new expert's bias <= 0 in the parameter itself (the reference takes
+    ``min(bias, 0)`` in the forward instead): the value trained is then the value stored and
+    served, and the engine's router needs no clamp of its own."""
     with torch.no_grad():
         for layer in model.model.layers:
             if layer.mlp.gate.bias is not None:
@@ -181,6 +199,7 @@ def train_expert(
     lr: float = 2e-3,
     seq_len: int = 128,
     bias: bool = True,
+    bias_init: float = BIAS_INIT,
     router_init: str = "embedding",
     seed: int = 0,
     force: bool = False,
@@ -191,8 +210,13 @@ def train_expert(
     """Train the expert and write its artifact to ``out`` (resuming from ``OUT.partial``).
 
     ``embedding_file`` may be None only with ``router_init="random"`` (whose rows come from
-    ``seed``)."""
+    ``seed``). ``bias_init`` (< 0) is where the new expert's bias starts when ``bias``."""
     check_expert_args(expert_id, owner, steps)
+    if bias and not bias_init < 0.0:
+        raise KitError(
+            f"--bias-init must be below 0 (got {bias_init}): a bias started at 0 is held there "
+            "by the clamp on the owner's data and never acts; --no-bias turns it off"
+        )
     if router_init not in ROUTER_INITS:
         raise KitError(f"router_init must be one of {', '.join(ROUTER_INITS)}")
     if embedding_file is None and router_init == "embedding":
@@ -209,7 +233,7 @@ def train_expert(
     seq_len = min(seq_len, config.max_position_embeddings)
     blocks = tokenize_blocks(tokenizer, docs.texts, seq_len)
     torch.manual_seed(seed)
-    model = build_coordinated(config, state, emb, bias)
+    model = build_coordinated(config, state, emb, bias, bias_init)
     model.to(world.device)  # type: ignore[arg-type]  # transformers types .to oddly
     params = trainable(model)
     schedule = Schedule(
@@ -245,6 +269,7 @@ def train_expert(
             {
                 "tokens_seen": result.tokens,
                 "router_bias": bias,
+                "router_bias_init": bias_init if bias else None,
                 "router_init": router_init,
                 "final_loss": result.losses[-1],
                 "first_loss": result.losses[0],

@@ -85,6 +85,37 @@ def test_keep_bias_writes_router_biases(
     assert eng.model.model.layers[0].mlp.gate.bias is not None
 
 
+def test_kept_bias_is_served_as_trained(
+    tmp_path: Path, public_dir: Path, code_data: Path, embedding_file: Path
+) -> None:
+    """The public model plus one expert, biases kept, is the 2-expert model that trained: the
+    engine adds the trained bias to the router logits exactly as training did. Dropped, the
+    (negative) bias no longer acts and the logits move."""
+    run = train_expert(
+        public_dir,
+        read_documents([code_data]),
+        embedding_file,
+        tmp_path / "e",
+        expert_id="code",
+        owner="alice",
+        steps=2,
+        batch_size=4,
+        seq_len=32,
+    )
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        trained = run.model(input_ids=ids).logits  # train() ends with the model in eval mode
+    kept = load_engine(merge(public_dir, [run.path], tmp_path / "kept", keep_bias=True))
+    dropped = load_engine(merge(public_dir, [run.path], tmp_path / "dropped"))
+    trained_bias = run.model.model.layers[0].mlp.gate.bias
+    served_bias = kept.model.model.layers[0].mlp.gate.bias
+    assert trained_bias is not None and served_bias is not None
+    assert torch.equal(served_bias.detach(), trained_bias.detach())
+    assert float(served_bias[1]) < 0.0
+    torch.testing.assert_close(kept.forward(ids).logits, trained, atol=1e-5, rtol=1e-5)
+    assert float((dropped.forward(ids).logits - trained).abs().max()) > 1e-3
+
+
 def _assert_nothing_written(parent: Path, name: str) -> None:
     assert not (parent / name).exists()
     assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
