@@ -18,6 +18,7 @@ model's fingerprint, token and document counts, settings). No text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -260,6 +261,14 @@ def train_expert(
         after_step=lambda: _clamp_bias(model),
         stop_after=stop_after,
         lr_scale=lambda name: ROUTER_LR_SCALE if ".mlp.gate." in name else 1.0,
+        settings={
+            "router_bias": bias,
+            "router_bias_init": bias_init if bias else None,
+            "router_init": router_init,
+            "embedding_sha256": None
+            if embedding_file is None
+            else hashlib.sha256(embedding_file.read_bytes()).hexdigest(),
+        },
     )
     if len(result.losses) < steps:
         return ExpertRun(out, model, result.losses, complete=False)

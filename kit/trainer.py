@@ -135,11 +135,14 @@ def train(
     forward_kwargs: dict[str, Any] | None = None,
     stop_after: int | None = None,
     lr_scale: Callable[[str], float] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``params`` (name -> parameter of ``model``) on ``blocks`` ``[n, seq_len]``.
 
     ``work_dir`` holds the checkpoint; when it has one, the run resumes from it (its schedule
-    must be this one). ``stop_after`` ends the run after that many steps of this call, as an
+    must be this one, and so must ``settings``: what else decided the run's start, such as
+    how the trained weights were initialised, which a resume would otherwise silently take
+    from the checkpoint). ``stop_after`` ends the run after that many steps of this call, as an
     interruption would (tests). Returns the loss history (one mean loss per step)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     names = sorted(params)
@@ -159,7 +162,11 @@ def train(
     start = 0
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=world.device, weights_only=False)
-        if state.get("schedule") != asdict(schedule) or sorted(state["params"]) != names:
+        if (
+            state.get("schedule") != asdict(schedule)
+            or sorted(state["params"]) != names
+            or state.get("settings", {}) != (settings or {})
+        ):
             raise KitError(
                 f"{ckpt}: a checkpoint of a run with other settings; remove {work_dir} "
                 "(or pass --force) to start again"
@@ -210,6 +217,7 @@ def train(
                 {
                     "step": done,
                     "schedule": asdict(schedule),
+                    "settings": settings or {},
                     "params": {n: params[n].detach().cpu().clone() for n in names},
                     "optim": opt.state_dict(),
                     "losses": result.losses,

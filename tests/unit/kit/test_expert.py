@@ -171,6 +171,26 @@ def test_resume_equals_uninterrupted(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_other_initial_settings_is_refused(
+    tmp_path: Path, public_dir: Path, code_data: Path, embedding_file: Path
+) -> None:
+    """An interrupted run resumed with another bias start (or none) would continue from the
+    checkpoint's weights as if nothing had changed: refused, the checkpoint kept."""
+    docs = read_documents([code_data])
+    kw: dict[str, Any] = dict(
+        expert_id="code", owner="alice", steps=5, batch_size=4, seq_len=32, checkpoint_every=2
+    )
+    out = tmp_path / "e"
+    run = train_expert(public_dir, docs, embedding_file, out, stop_after=2, **kw)
+    assert not run.complete
+    for other in ({"bias_init": -2.0}, {"bias": False}):
+        with pytest.raises(KitError, match="a checkpoint of a run with other settings"):
+            train_expert(public_dir, docs, embedding_file, out, **kw, **other)
+    assert not out.exists() and (tmp_path / "e.partial").is_dir()
+    done = train_expert(public_dir, docs, embedding_file, out, **kw)  # the same settings
+    assert done.complete and (out / "expert.safetensors").is_file()
+
+
 def test_bad_inputs(
     tmp_path: Path, public_dir: Path, code_data: Path, embedding_file: Path
 ) -> None:
