@@ -112,6 +112,8 @@ def _fast_norm(norm: nn.Module) -> FastRMSNorm:
 
 
 _SKINNY: weakref.WeakSet[SkinnyLinear] = weakref.WeakSet()
+_BLOCKS: weakref.WeakSet[GovernedSparseMoeBlock] = weakref.WeakSet()
+"""Every MoE block alive (engine.kernels times their experts' weights together)."""
 
 
 def _skinny(linear: nn.Linear) -> SkinnyLinear:
@@ -173,6 +175,7 @@ class GovernedSparseMoeBlock(nn.Module):
         self._direct: list[bool] | None = None
         self.stacked: StackedExperts | None = None
         """Per-device stacks of the resident experts, once :meth:`stack_experts` was called."""
+        _BLOCKS.add(self)
 
     def forward(
         self, hidden_states: torch.Tensor, routing: RoutingControl | None = None
@@ -309,7 +312,13 @@ class GovernedSparseMoeBlock(nn.Module):
         return torch.mm(w.to(outs[0].dtype), torch.cat(outs)).to(h.dtype)
 
     def _cpu_gate_weights(self) -> list[torch.Tensor]:
-        """The gate_proj weights of the loaded experts on the CPU (engine.kernels times them)."""
+        """The CPU gate_proj weights of the loaded experts of every MoE block alive, this
+        one's first (engine.kernels times them: all the layers' experts, so that the measure
+        streams them from memory as decoding does; one layer's may fit in a cache)."""
+        others = [b for b in list(_BLOCKS) if b is not self]
+        return [w for b in [self, *others] for w in b._own_cpu_gate_weights()]
+
+    def _own_cpu_gate_weights(self) -> list[torch.Tensor]:
         flags = self._direct_flags()
         return [
             cast(ExpertMLP, expert).gate_proj.weight
