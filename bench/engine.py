@@ -260,6 +260,42 @@ def accounting_cost(request: Callable[[], object], reps: int = 5) -> float:
     return best
 
 
+def products_floor(model: Any, reps: int = 5, passes: int = 10) -> tuple[float, float]:
+    """Seconds one batch-1 decoding step spends in its matrix products alone, as (``W @ X.T``
+    form, ``F.linear`` form), the median of ``reps`` timings of ``passes`` passes: the same
+    weights a step reads (every layer's attention projections, 2 of its experts' FFNs, the
+    LM head), in order, with nothing between them. What a step costs beyond the faster of
+    the two is the work outside the products (small operators, Python)."""
+    g = torch.Generator().manual_seed(0)
+    weights: list[torch.Tensor] = []
+    for layer in model.model.layers:
+        a = layer.self_attn
+        weights += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight]
+        k = int(model.config.num_experts_per_tok)
+        for e in torch.randperm(len(layer.mlp.experts), generator=g)[:k].tolist():
+            ex = layer.mlp.experts[e]
+            weights += [ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight]
+    weights.append(model.lm_head.weight)
+    pads = {w.shape[1]: torch.zeros(2, w.shape[1], dtype=w.dtype) for w in weights}
+    rows = {w.shape[1]: torch.zeros(1, w.shape[1], dtype=w.dtype) for w in weights}
+
+    def timed(form: Callable[[torch.Tensor], object]) -> float:
+        times = []
+        for _ in range(reps + 1):
+            start = time.perf_counter()
+            for _ in range(passes):
+                for w in weights:
+                    form(w)
+            times.append((time.perf_counter() - start) / passes)
+        return statistics.median(times[1:])
+
+    with torch.inference_mode():
+        return (
+            timed(lambda w: torch.mm(w, pads[w.shape[1]].t())),
+            timed(lambda w: torch.nn.functional.linear(rows[w.shape[1]], w)),
+        )
+
+
 def run_concurrent(
     sched: Scheduler,
     prompts: list[list[int]],
@@ -430,6 +466,7 @@ def bench_size(
             time.sleep(3 * IDLE_EXIT_S)
             t.add(key, configs[key]())
         print(f"  [{name}] round {r + 1}/{rounds} done", file=sys.stderr)
+    floor = isolated(lambda: products_floor(eng.model)) if device.type == "cpu" else None
     accounting_1 = isolated(lambda: accounting_cost(lambda: engine(on)()))
     accounting_8 = isolated(
         lambda: accounting_cost(lambda: run_concurrent(on, prompts8, params)[0])
@@ -478,6 +515,7 @@ def bench_size(
         },
         "expert_path": eng.expert_path,
         "forms": forms,
+        "floor": floor,
         "ffn_share": ffn_all / total_all,
         "saved_half": 1 - total_half / total_all,
         "saved_one": 1 - total_one / total_all,
@@ -606,8 +644,25 @@ def report(
             f"(prefill included): {med['b'] * r['bytes_b'] / 1e9:.1f} GB/s. (b) runs "
             f"{r['flops_b'] / 1e6:.1f} MFLOP per token (expert FFNs {r['ffn_share']:.0%}), "
             f"{med['b'] * r['flops_b'] / 1e9:.2f} GFLOP/s = {frac:.1%} of the matmul "
-            "throughput: batch-1 decoding is bound by the weight bytes it streams.",
+            "throughput: batch-1 decoding is matrix-vector work, bound by the bytes it "
+            "streams and the work around them, not by arithmetic.",
             "",
+        ]
+        if r["floor"] is not None:
+            tr, lin = r["floor"]
+            best_form = min(tr, lin)
+            lines += [
+                f"Where a batch-1 step's {step['b'] * 1e3:.2f} ms go: its matrix products "
+                f"alone, back to back on the same weights, take {tr * 1e3:.2f} ms as W @ X.T "
+                f"({bytes_step['b'] / tr / 1e9:.1f} GB/s) and {lin * 1e3:.2f} ms as F.linear "
+                f"({bytes_step['b'] / lin / 1e9:.1f} GB/s); the rest of the step, "
+                f"{(step['b'] - best_form) * 1e3:.2f} ms, is the work outside the products "
+                "(small operators, Python, sampling). At the faster products' rate with "
+                "nothing else, decoding would reach "
+                f"{bytes_step['b'] / best_form / 1e9 / bw_best:.0%} of the copy bandwidth.",
+                "",
+            ]
+        lines += [
             f"Batched steps: a step of (d)'s 8 rows computes {r['experts_read']['d']:.2f} "
             f"distinct experts a layer and reads {bytes_step['d'] / 1e6:.1f} MB "
             f"({d_bound:.2f}x a batch-1 step's bytes, so (d) <= {8 / d_bound:.2f}x when both "
