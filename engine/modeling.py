@@ -22,6 +22,7 @@ read (:mod:`engine.stacked_experts`).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, cast
 
 import torch
@@ -41,11 +42,13 @@ from engine.stacked_experts import StackedExperts
 
 __all__ = [
     "ROUTER_BIAS_ATTR",
+    "FastRMSNorm",
     "GovernedFlexOlmoDecoderLayer",
     "GovernedFlexOlmoForCausalLM",
     "GovernedFlexOlmoModel",
     "GovernedRouter",
     "GovernedSparseMoeBlock",
+    "SkinnyLinear",
 ]
 
 ROUTER_BIAS_ATTR = "router_bias"
@@ -57,6 +60,80 @@ the ids) rather than by a device sort and bincount."""
 
 ExpertMLP = fo.FlexOlmoMLP
 """One expert's FFN: transformers' FlexOlmoMLP (gate_proj, up_proj, down_proj, SiLU)."""
+
+
+class SkinnyLinear(nn.Linear):
+    """``nn.Linear`` whose few-row products (a decoding step's attention projections and LM
+    head) take the form :mod:`engine.kernels` measures faster on this CPU; anything else
+    (training, prefill, other devices and dtypes) is ``F.linear``, as transformers' own.
+
+    Float32 only: there the two forms agree to the order of float additions, while the
+    bfloat16 engine is held to transformers' exact bfloat16 logits."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            self.bias is None
+            and w.dtype == torch.float32
+            and input.dtype == torch.float32
+            and w.device.type == "cpu"
+            and input.device.type == "cpu"
+            and not torch.is_grad_enabled()
+        ):
+            rows = input.numel() // max(input.shape[-1], 1)
+            if 0 < rows <= kernels.SKINNY_MAX and kernels.transposed_is_faster(
+                w, rows, lambda: _skinny_weights(w)
+            ):
+                out = kernels.linear(input.reshape(rows, -1), w, True)
+                return out.view(*input.shape[:-1], w.shape[0])
+        return F.linear(input, w, self.bias)
+
+
+class FastRMSNorm(fo.FlexOlmoRMSNorm):
+    """transformers' FlexOlmo RMS norm as one ``F.rms_norm`` in float32 inference (the same
+    formula in one operator instead of eight: a decoding step runs five norms a layer);
+    otherwise transformers' own forward."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            hidden_states.dtype == torch.float32
+            and w.dtype == torch.float32
+            and not torch.is_grad_enabled()
+        ):
+            return F.rms_norm(hidden_states, (w.shape[0],), w, self.variance_epsilon)
+        return super().forward(hidden_states)
+
+
+def _fast_norm(norm: nn.Module) -> FastRMSNorm:
+    """``norm`` (a FlexOlmoRMSNorm) as a :class:`FastRMSNorm` (same parameters and keys)."""
+    norm.__class__ = FastRMSNorm
+    return cast(FastRMSNorm, norm)
+
+
+_SKINNY: weakref.WeakSet[SkinnyLinear] = weakref.WeakSet()
+_BLOCKS: weakref.WeakSet[GovernedSparseMoeBlock] = weakref.WeakSet()
+"""Every MoE block alive (engine.kernels times their experts' weights together)."""
+
+
+def _skinny(linear: nn.Linear) -> SkinnyLinear:
+    """``linear`` as a :class:`SkinnyLinear` (same parameters and checkpoint keys)."""
+    linear.__class__ = SkinnyLinear
+    skinny = cast(SkinnyLinear, linear)
+    _SKINNY.add(skinny)
+    return skinny
+
+
+def _skinny_weights(like: torch.Tensor) -> list[torch.Tensor]:
+    """The CPU weights of every :class:`SkinnyLinear` shaped as ``like`` (timed together by
+    engine.kernels, so that the measure reads them from memory, as decoding does)."""
+    return [
+        m.weight
+        for m in list(_SKINNY)
+        if m.weight.shape == like.shape
+        and m.weight.dtype == like.dtype
+        and m.weight.device.type == "cpu"
+    ]
 
 
 class GovernedRouter(nn.Module):
@@ -98,6 +175,7 @@ class GovernedSparseMoeBlock(nn.Module):
         self._direct: list[bool] | None = None
         self.stacked: StackedExperts | None = None
         """Per-device stacks of the resident experts, once :meth:`stack_experts` was called."""
+        _BLOCKS.add(self)
 
     def forward(
         self, hidden_states: torch.Tensor, routing: RoutingControl | None = None
@@ -234,7 +312,13 @@ class GovernedSparseMoeBlock(nn.Module):
         return torch.mm(w.to(outs[0].dtype), torch.cat(outs)).to(h.dtype)
 
     def _cpu_gate_weights(self) -> list[torch.Tensor]:
-        """The gate_proj weights of the loaded experts on the CPU (engine.kernels times them)."""
+        """The CPU gate_proj weights of the loaded experts of every MoE block alive, this
+        one's first (engine.kernels times them: all the layers' experts, so that the measure
+        streams them from memory as decoding does; one layer's may fit in a cache)."""
+        others = [b for b in list(_BLOCKS) if b is not self]
+        return [w for b in [self, *others] for w in b._own_cpu_gate_weights()]
+
+    def _own_cpu_gate_weights(self) -> list[torch.Tensor]:
         flags = self._direct_flags()
         return [
             cast(ExpertMLP, expert).gate_proj.weight
@@ -272,10 +356,16 @@ class GovernedFlexOlmoDecoderLayer(GradientCheckpointingLayer):  # type: ignore[
         super().__init__()
         self.hidden_size = config.hidden_size
         self.self_attn = fo.FlexOlmoAttention(config=config, layer_idx=layer_idx)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            _skinny(getattr(self.self_attn, name))
+        for name in ("q_norm", "k_norm"):
+            _fast_norm(getattr(self.self_attn, name))
         self.mlp = GovernedSparseMoeBlock(config)
-        self.post_attention_layernorm = fo.FlexOlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_feedforward_layernorm = fo.FlexOlmoRMSNorm(
-            config.hidden_size, config.rms_norm_eps
+        self.post_attention_layernorm = _fast_norm(
+            fo.FlexOlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
+        )
+        self.post_feedforward_layernorm = _fast_norm(
+            fo.FlexOlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
         )
 
     def forward(
@@ -334,7 +424,7 @@ class GovernedFlexOlmoModel(GovernedFlexOlmoPreTrainedModel, fo.FlexOlmoModel): 
         self.layers = nn.ModuleList(
             [GovernedFlexOlmoDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         )
-        self.norm = fo.FlexOlmoRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = _fast_norm(fo.FlexOlmoRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
         self.rotary_emb = fo.FlexOlmoRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()  # type: ignore[no-untyped-call]
@@ -351,7 +441,7 @@ class GovernedFlexOlmoForCausalLM(GovernedFlexOlmoPreTrainedModel, fo.FlexOlmoFo
         GovernedFlexOlmoPreTrainedModel.__init__(self, config)
         self.model = GovernedFlexOlmoModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = _skinny(nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.router_aux_loss_coef = config.router_aux_loss_coef
         self.num_experts = config.num_experts
         self.num_experts_per_tok = config.num_experts_per_tok
