@@ -74,6 +74,9 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
         raise SystemExit(int(ExitCode.USAGE)) from None
     metrics = metrics_folder(home)
     os.environ[METRICS_ENV] = str(metrics)  # before prometheus_client is imported anywhere
+    # the resolved home for every worker (the default ./var included), so the engine's kernel
+    # choices (engine.kernels, $FLEXGATE_HOME/engine-kernels.json) are shared by all of them
+    os.environ["FLEXGATE_HOME"] = str(home)
     settings()
     # SIGTERM: uvicorn stops accepting, lets running requests finish (up to the graceful
     # timeout), runs the lifespan's shutdown (records appended, ledger drained) and then
