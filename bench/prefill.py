@@ -1,19 +1,31 @@
 """KV memory that follows the work (a script, not a test): chunked prefill and admission.
 
     PYTHONPATH=. python bench/prefill.py [--size medium] [--rounds 5] [--chunks 0,128,256] \\
-        [--streams 4] [--long 1000] [--device cpu]
+        [--streams 4] [--long 1000] [--device cpu] [--contexts 100,1000,2000] [--step-rows 8] \\
+        [--skip-stall] [--skip-admission] [--skip-step]
 
 (1) Running streams while a long prompt arrives. ``--streams`` greedy requests (16-token
 prompts) are decoding; once they are steady, a ``--long``-token prompt is submitted. The time
 between two decoding steps is every running stream's inter-token latency; the gaps from the
 long prompt's submission until its first token (the stall it causes) are pooled over the rounds
 and reported as median, p99 and max, beside the gaps before it arrived (the base line) and the
-long request's time to first token. One scheduler per chunk size (0: the prompt in one pass,
-as before chunked prefill) on one engine, interleaved round by round.
+long request's time to first token. Because one noisy round can hold the pooled maximum, each
+round's worst gap is also reported (median and range over the rounds), and the comparison with
+one pass is made on those medians. One scheduler per chunk size (0: the prompt in one pass, as
+before chunked prefill) on one engine, interleaved round by round.
 
 (2) Concurrency under a fixed KV budget (``--budget-blocks`` blocks of 16 tokens): how many
 requests are admitted at once when all are short, all long, or one long among short ones, and
 the pools' allocated bytes at the peak and once the long one has left.
+
+(3) The paged cache's price at long contexts: one decoding step's attention and cache work
+alone (every layer's ``update`` and sdpa, the model's layer count and attention shape, no
+projections or experts) for ``--step-rows`` rows of each ``--contexts`` length, as the engine
+runs it (the rows staged: each step appends its token), with every row gathered from the pool
+at every step (``STAGING_SHARE = 0``, into the reused scratch buffer: the first paged version
+also allocated that buffer anew each time), and over one contiguous buffer per layer written
+in place (what the slot cache it replaced did: the bound). Medians over
+``--rounds`` rounds of ``--step-reps`` steps each, the three interleaved round by round.
 """
 
 from __future__ import annotations
@@ -31,13 +43,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine import kvcache
 from engine.api import Engine, load_engine
 from engine.checkpoints import build_tiny_checkpoint
 from engine.generation import DecodeBatch, Finished
-from engine.kvcache import BLOCK_TOKENS, kv_bytes_per_token
+from engine.kvcache import BLOCK_TOKENS, PagedKVCache, kv_bytes_per_token
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 
@@ -156,6 +170,8 @@ def chunked_prefill(
     stall: dict[int, list[float]] = {c: [] for c in chunks}
     base: dict[int, list[float]] = {c: [] for c in chunks}
     ttft: dict[int, list[float]] = {c: [] for c in chunks}
+    worst: dict[int, list[float]] = {c: [] for c in chunks}
+    """Every round's worst gap while the long prompt arrived."""
     first: dict[int, set[int]] = {c: set() for c in chunks}
     try:
         for c in chunks:  # warm-up
@@ -164,6 +180,7 @@ def chunked_prefill(
             for c in chunks:
                 gaps, before, t, tok = one_round(scheds[c], streams, long_prompt)
                 stall[c] += gaps
+                worst[c].append(max(gaps))
                 base[c] += before
                 ttft[c].append(t)
                 first[c].add(tok)
@@ -175,26 +192,29 @@ def chunked_prefill(
         f"{n_streams} running streams, a {long_len}-token prompt arrives; ms between decoding "
         f"steps (every stream's inter-token latency), pooled over {rounds} rounds",
         "",
-        "| prefill chunk | gaps | median | p99 | max | base line median (p99) "
-        "| long prompt's TTFT median (range) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| prefill chunk | gaps | median | p99 | max | worst per round: median (range) "
+        "| base line median (p99) | long prompt's TTFT median (range) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in chunks:
-        s, b = stall[c], base[c]
+        gaps, b = stall[c], base[c]
         lines.append(
-            f"| {'one pass' if c == 0 else c} | {len(s)} | {statistics.median(s) * 1e3:.1f} "
-            f"| {pct(s, 0.99) * 1e3:.1f} | {max(s) * 1e3:.1f} "
+            f"| {'one pass' if c == 0 else c} | {len(gaps)} | {statistics.median(gaps) * 1e3:.1f} "
+            f"| {pct(gaps, 0.99) * 1e3:.1f} | {max(gaps) * 1e3:.1f} "
+            f"| {statistics.median(worst[c]) * 1e3:.1f} ({spread(worst[c])}) "
             f"| {statistics.median(b) * 1e3:.1f} ({pct(b, 0.99) * 1e3:.1f}) "
             f"| {statistics.median(ttft[c]) * 1e3:.0f} ({spread(ttft[c])}) |"
         )
     if 0 in chunks:
         for c in chunks:
             if c:
-                ratio = max(stall[0]) / max(stall[c])
+                ratio = statistics.median(worst[0]) / statistics.median(worst[c])
+                pooled = max(stall[0]) / max(stall[c])
                 med = statistics.median(stall[0]) / statistics.median(stall[c])
                 lines.append(
-                    f"\nchunk {c}: the worst gap is {ratio:.1f}x shorter than one pass's, the "
-                    f"median gap {med:.1f}x; TTFT "
+                    f"\nchunk {c}: a round's worst gap is {ratio:.1f}x shorter than one pass's "
+                    f"at the median of the rounds (pooled maximum {pooled:.1f}x), the median "
+                    f"gap {med:.1f}x; TTFT "
                     f"{statistics.median(ttft[c]) / statistics.median(ttft[0]):.2f}x one pass's."
                 )
     lines.append(
@@ -205,13 +225,14 @@ def chunked_prefill(
 
 def admitted(
     eng: Engine, budget_bytes: int, requests: list[tuple[list[int], int]], watch: int | None
-) -> tuple[int, int, int, int | None, int]:
+) -> tuple[int, int, int, int, int | None, int]:
     """Submit ``requests`` (prompt, max_tokens) at once to a scheduler with this budget:
-    (most admitted at once, most bytes reserved, most bytes allocated, bytes allocated once
-    request ``watch`` finished while others still ran, bytes allocated at the end)."""
+    (most admitted at once, most bytes reserved, most bytes allocated, most working bytes
+    beside them, bytes allocated once request ``watch`` finished while others still ran,
+    bytes allocated at the end)."""
     sched = Scheduler(eng, kv_cache_bytes=budget_bytes, prefill_chunk=256)
     sinks = [Sink() for _ in requests]
-    peak_n = peak_reserved = peak_alloc = 0
+    peak_n = peak_reserved = peak_alloc = peak_working = 0
     after: int | None = None
     try:
         for (p, n), s in zip(requests, sinks, strict=True):
@@ -221,6 +242,7 @@ def admitted(
             peak_n = max(peak_n, m.requests)
             peak_reserved = max(peak_reserved, m.reserved_bytes)
             peak_alloc = max(peak_alloc, m.allocated_bytes)
+            peak_working = max(peak_working, m.working_bytes)
             if (
                 watch is not None
                 and after is None
@@ -235,7 +257,7 @@ def admitted(
         end = sched.memory().allocated_bytes
     finally:
         sched.close()
-    return peak_n, peak_reserved, peak_alloc, after, end
+    return peak_n, peak_reserved, peak_alloc, peak_working, after, end
 
 
 def admission(eng: Engine, budget_blocks: int) -> list[str]:
@@ -257,8 +279,8 @@ def admission(eng: Engine, budget_blocks: int) -> list[str]:
         f"({per_token} bytes per token); requests submitted at once",
         "",
         "| requests | KV tokens each (reserved) | admitted at once | peak reserved MiB "
-        "| peak allocated MiB | allocated at the end |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| peak allocated MiB | peak staging and gather MiB | allocated at the end |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     after_long: int | None = None
     for label, reqs, each, watch in (
@@ -266,12 +288,12 @@ def admission(eng: Engine, budget_blocks: int) -> list[str]:
         ("12 long: 400-token prompt, 112 tokens", long, "511 (512)", None),
         ("1 long (1000 + 64) among 16 short (24 + 100)", mixed, "1063 (1072), 123 (128)", 0),
     ):
-        n, reserved, alloc, after, end = admitted(eng, budget, reqs, watch)
+        n, reserved, alloc, working, after, end = admitted(eng, budget, reqs, watch)
         if watch is not None:
             after_long = after
         lines.append(
             f"| {label} | {each} | {n} | {reserved / mib:.1f} | {alloc / mib:.1f} "
-            f"| {end / mib:.1f} |"
+            f"| {working / mib:.1f} | {end / mib:.1f} |"
         )
     if after_long is not None:
         lines.append(
@@ -285,6 +307,112 @@ def admission(eng: Engine, budget_blocks: int) -> list[str]:
     return lines
 
 
+def step_cost(
+    config: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    contexts: list[int],
+    rows: int,
+    rounds: int,
+    reps: int,
+) -> list[str]:
+    """(3): ms per decoding step of attention and cache work alone, per context length."""
+    layers = int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    g = torch.Generator().manual_seed(2)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    query = randn(rows, heads, 1, dim)
+    new_k, new_v = randn(rows, kv_heads, 1, dim), randn(rows, kv_heads, 1, dim)
+    gqa = heads != kv_heads
+
+    def attend(k: torch.Tensor, v: torch.Tensor, kv_len: int) -> None:
+        mask = torch.ones((rows, 1, 1, kv_len), dtype=torch.bool, device=device)
+        F.scaled_dot_product_attention(query, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    class Paged:
+        def __init__(self, ctx: int, share: float) -> None:
+            self.share = share
+            self.cache = PagedKVCache(layers)
+            self.handles = [self.cache.open(ctx + (rounds + 1) * reps + 8) for _ in range(rows)]
+            prompt_k, prompt_v = randn(rows, kv_heads, ctx, dim), randn(rows, kv_heads, ctx, dim)
+            self.cache.begin(self.handles, ctx)
+            for layer in range(layers):
+                self.cache.update(prompt_k, prompt_v, layer)
+            self.cache.commit()
+
+        def step(self) -> None:
+            saved, kvcache.STAGING_SHARE = kvcache.STAGING_SHARE, self.share
+            try:
+                self.cache.begin(self.handles, 1)
+                assert self.cache.current is not None
+                kv_len = self.cache.current.kv_len
+                for layer in range(layers):
+                    attend(*self.cache.update(new_k, new_v, layer), kv_len)
+                self.cache.commit()
+            finally:
+                kvcache.STAGING_SHARE = saved
+
+    class Contiguous:
+        def __init__(self, ctx: int) -> None:
+            cols = ctx + (rounds + 1) * reps + 8
+            self.k = [randn(rows, kv_heads, cols, dim) for _ in range(layers)]
+            self.v = [randn(rows, kv_heads, cols, dim) for _ in range(layers)]
+            self.length = ctx
+
+        def step(self) -> None:
+            n = self.length
+            for k, v in zip(self.k, self.v, strict=True):
+                k[:, :, n : n + 1].copy_(new_k)
+                v[:, :, n : n + 1].copy_(new_v)
+                attend(k[:, :, : n + 1], v[:, :, : n + 1], n + 1)
+            self.length += 1
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    lines = [
+        f"one decoding step's attention and cache work alone: {rows} rows, {layers} layers, "
+        f"{heads} heads ({kv_heads} KV) of {dim}, {dtype}; ms per step, median (range) of "
+        f"{rounds} rounds of {reps} steps",
+        "",
+        "| context | paged, staged (the engine) | paged, every row gathered each step (no staging) "
+        "| contiguous buffers (the slot cache's bound) | staged / contiguous "
+        "| gathered / contiguous |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for ctx in contexts:
+        sides: dict[str, Any] = {
+            "staged": Paged(ctx, kvcache.STAGING_SHARE),
+            "gathered": Paged(ctx, 0.0),
+            "contiguous": Contiguous(ctx),
+        }
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        for r in range(rounds + 1):  # round 0 warms up
+            for name, side in sides.items():
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    side.step()
+                sync()
+                if r:
+                    times[name].append((time.perf_counter() - t0) / reps)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        lines.append(
+            f"| {ctx} | "
+            + " | ".join(f"{med[n] * 1e3:.2f} ({spread(times[n])})" for n in sides)
+            + f" | {med['staged'] / med['contiguous']:.2f} "
+            f"| {med['gathered'] / med['contiguous']:.2f} |"
+        )
+        del sides
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size", default="medium", help="a model size of bench/engine.py")
@@ -295,7 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-blocks", type=int, default=128, help="KV budget for (2)")
     ap.add_argument("--device", default="cpu", help="'cpu' (default) or a GPU ('cuda:0')")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--contexts", default="100,1000,2000", help="context lengths for (3)")
+    ap.add_argument("--step-rows", type=int, default=8, help="rows of the steps in (3)")
+    ap.add_argument("--step-reps", type=int, default=20, help="steps per round in (3)")
+    ap.add_argument("--skip-stall", action="store_true")
     ap.add_argument("--skip-admission", action="store_true")
+    ap.add_argument("--skip-step", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -316,13 +449,32 @@ def main(argv: list[str] | None = None) -> int:
             return load_engine(path, device_map="cpu" if device.type == "cpu" else str(device))
 
         eng = models.isolated(setup)
-        chunks = [int(c) for c in args.chunks.split(",")]
-        lines = chunked_prefill(eng, chunks, args.rounds, args.streams, args.long)
-        print(f"\n## {args.size} model\n")
-        print("\n".join(lines))
+        print(f"\n## {args.size} model")
+        if not args.skip_stall:
+            chunks = [int(c) for c in args.chunks.split(",")]
+            print()
+            print("\n".join(chunked_prefill(eng, chunks, args.rounds, args.streams, args.long)))
         if not args.skip_admission:
             print()
             print("\n".join(admission(eng, args.budget_blocks)))
+        if not args.skip_step:
+            contexts = [int(c) for c in args.contexts.split(",")]
+            print()
+            print(
+                "\n".join(
+                    models.isolated(
+                        lambda: step_cost(
+                            eng.model.config,
+                            eng.model.dtype,
+                            device,
+                            contexts,
+                            args.step_rows,
+                            args.rounds,
+                            args.step_reps,
+                        )
+                    )
+                )
+            )
         eng.close()
     print(f"\nload average at the end (1, 5, 15 min): {os.getloadavg()}")
     return 0
