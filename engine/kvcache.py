@@ -47,7 +47,7 @@ import heapq
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -133,7 +133,7 @@ class _Pass:
     """Columns attention sees: the longest row's length after this pass."""
     query_offset: int
     """Position of the first query column among the ``kv_len`` columns (``kv_len - q``)."""
-    mode: str
+    mode: Literal["fresh", "slice", "stage", "gather"]
     """What attention reads: ``fresh`` (every row starts at 0: the states computed in this
     pass), ``slice`` (one row on consecutive blocks: a view of the pool), ``stage`` (the
     staging buffers, rows appended or refilled) or ``gather`` (the shared scratch buffer)."""
@@ -308,6 +308,8 @@ class _PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
             old: torch.Tensor | None = getattr(self, name)
             if old is not None and old.shape[0] == rows and old.shape[2] == cols:
                 continue
+            if old is None and p.appended:  # the owner believes this layer holds those rows
+                raise RuntimeError("a layer's staging buffers are out of step with the cache")
             # zero-filled, then only ever keys and values: masked columns stay finite
             new = pool.new_zeros((rows, pool.shape[0], cols, pool.shape[-1]))
             if old is not None and keep_rows and keep_cols:

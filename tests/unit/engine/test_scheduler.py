@@ -319,12 +319,16 @@ async def test_aclose_and_task_cancellation_free_the_slot(sched: Scheduler) -> N
             break
     await stream.aclose()
 
+    decoding = asyncio.Event()
+
     async def consume() -> None:
-        async for _ in sched.stream("Shall", greedy(500)):
-            pass
+        async for ev in sched.stream("Shall", greedy(500)):
+            if isinstance(ev, TextDelta):
+                decoding.set()
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.2)
+    # cancel once it decodes: a fixed sleep let a fast machine finish the whole request first
+    await asyncio.wait_for(decoding.wait(), 60)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
