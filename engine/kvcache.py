@@ -26,7 +26,8 @@ otherwise, right-padded to the longest row:
   reuses.
 
 Staging and scratch buffers grow geometrically, so a step at a length already seen allocates
-nothing. The caller masks each row's columns from its length on. Padding and unused slots
+nothing; staging is dropped when the pools shrink below it, the scratch buffer whenever a
+sequence closes. The caller masks each row's columns from its length on. Padding and unused slots
 always hold finite values (pools and staging are zero-filled and only ever receive keys and
 values; a gather writes every column it returns), so a masked column contributes exactly
 nothing.
@@ -468,6 +469,7 @@ class PagedKVCache(Cache):
             heapq.heappush(self._free, block)
         del self._lengths[handle]
         self._reserved_total -= self._reserved.pop(handle)
+        self._scratch.clear()  # sized for the batch that was: regrown on demand, once
         self._maybe_shrink()
         rows, cols = self._stage_shape
         if rows * cols > self._staging_limit():
@@ -596,15 +598,15 @@ class PagedKVCache(Cache):
     def scratch(self, like: torch.Tensor, n: int, shape: tuple[int, ...]) -> torch.Tensor:
         """A contiguous ``shape`` view of scratch buffer ``n`` on ``like``'s device and dtype.
         One buffer serves every layer: a layer's gather is read by its attention before the
-        next layer's update overwrites it. It grows by doubling, so a step after the first
-        at a length allocates nothing."""
+        next layer's update overwrites it. It grows by a quarter at least, so steps as the
+        rows lengthen rarely allocate, and is let go whenever a sequence closes."""
         numel = 1
         for d in shape:
             numel *= d
         key = (like.device, like.dtype, n)
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < numel:
-            size = numel if buf is None else max(numel, 2 * buf.numel())
+            size = numel if buf is None else max(numel, buf.numel() * 5 // 4)
             buf = self._scratch[key] = like.new_empty(size)
         return buf[:numel].view(shape)
 
@@ -657,11 +659,9 @@ class PagedKVCache(Cache):
             self.capacity = 0
             self._free = []
             self._drop_staging()
-            self._scratch.clear()
             return
         if used * _SHRINK_BELOW > self.capacity:
             return
-        self._scratch.clear()  # sized for the longer rows that left; regrown on demand
         capacity = 2 * used
         low_free = iter(sorted(b for b in self._free if b < capacity))
         src: list[int] = []
