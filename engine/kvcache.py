@@ -417,7 +417,8 @@ class PagedKVCache(Cache):
     def working_bytes(self) -> int:
         """Bytes of the buffers attention reads beside the pools: the staging buffers (all
         layers) and the shared scratch buffers."""
-        total = sum(buf.numel() * buf.element_size() for buf in self._scratch.values())
+        # tuple(): one step under the GIL (Scheduler.memory() reads this from other threads)
+        total = sum(buf.numel() * buf.element_size() for buf in tuple(self._scratch.values()))
         for layer in self.paged_layers:
             for stage in (layer.staged_keys, layer.staged_values):
                 if stage is not None:
