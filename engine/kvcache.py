@@ -197,6 +197,17 @@ class _Indices:
     positions: torch.Tensor | None
     refilled: torch.Tensor | None
     _flat: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _pool: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def pool_slots(self, rows: int, heads: int, slots: int) -> torch.Tensor:
+        """Where the new tokens go in a pool of ``heads`` x ``slots`` seen as ``[heads *
+        slots, head_dim]``, in the order of ``[rows, heads, q]``."""
+        got = self._pool.get((heads, slots))
+        if got is None:
+            head = torch.arange(heads, device=self.slots.device) * slots
+            per_row = self.slots.view(rows, 1, -1)
+            got = self._pool[heads, slots] = (per_row + head.view(1, heads, 1)).reshape(-1)
+        return got
 
     def appended_slots(self, heads: int, cols: int) -> torch.Tensor:
         """Where the appended rows' tokens go in a staging buffer of ``heads`` x ``cols``
@@ -258,8 +269,10 @@ class _PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         out: list[torch.Tensor] = []
         for n, (pool, new) in enumerate(((self.keys, key_states), (self.values, value_states))):
             heads, cap, _, dim = pool.shape
-            flat = pool.view(heads, cap * BLOCK_TOKENS, dim)
-            flat.index_copy_(1, idx.slots, new.transpose(0, 1).reshape(heads, rows * q, dim))
+            # one index_copy_ of the states as they come ([rows, heads, q, dim], no transpose)
+            pool.view(heads * cap * BLOCK_TOKENS, dim).index_copy_(
+                0, idx.pool_slots(rows, heads, cap * BLOCK_TOKENS), new.reshape(-1, dim)
+            )
             if p.mode == "fresh":
                 out.append(new)
             elif p.mode == "slice":
