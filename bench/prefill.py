@@ -1,8 +1,8 @@
-"""KV memory that follows the work (a script, not a test): chunked prefill and admission.
+"""KV memory that follows the work (a script, not a test): chunked prefill, admission, step cost.
 
     PYTHONPATH=. python bench/prefill.py [--size medium] [--rounds 5] [--chunks 0,128,256] \\
         [--streams 4] [--long 1000] [--device cpu] [--contexts 100,1000,2000] [--step-rows 8] \\
-        [--skip-stall] [--skip-admission] [--skip-step]
+        [--step-uneven 100] [--skip-stall] [--skip-admission] [--skip-step]
 
 (1) Running streams while a long prompt arrives. ``--streams`` greedy requests (16-token
 prompts) are decoding; once they are steady, a ``--long``-token prompt is submitted. The time
@@ -24,8 +24,10 @@ projections or experts) for ``--step-rows`` rows of each ``--contexts`` length, 
 runs it (the rows staged: each step appends its token), with every row gathered from the pool
 at every step (``STAGING_SHARE = 0``, into the reused scratch buffer: the first paged version
 also allocated that buffer anew each time), and over one contiguous buffer per layer written
-in place (what the slot cache it replaced did: the bound). Medians over
-``--rounds`` rounds of ``--step-reps`` steps each, the three interleaved round by round.
+in place (what the slot cache it replaced did: the bound); and one row of the longest context
+among ``--step-uneven``-token rows, which the engine gathers (staging them would be mostly
+padding), against contiguous buffers as wide as the longest row. Medians over ``--rounds``
+rounds of ``--step-reps`` steps each, the three interleaved round by round.
 """
 
 from __future__ import annotations
@@ -315,8 +317,10 @@ def step_cost(
     rows: int,
     rounds: int,
     reps: int,
+    uneven: int,
 ) -> list[str]:
-    """(3): ms per decoding step of attention and cache work alone, per context length."""
+    """(3): ms per decoding step of attention and cache work alone, per context length (and,
+    with ``uneven``, one row of the longest among rows of ``uneven`` tokens)."""
     layers = int(config.num_hidden_layers)
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
@@ -335,15 +339,21 @@ def step_cost(
         F.scaled_dot_product_attention(query, k, v, attn_mask=mask, enable_gqa=gqa)
 
     class Paged:
-        def __init__(self, ctx: int, share: float) -> None:
+        def __init__(self, ctx: int, share: float, short: int | None) -> None:
+            """``rows`` sequences of ``ctx`` tokens, or (``short``) the first of ``ctx`` and
+            the others of ``short``."""
             self.share = share
             self.cache = PagedKVCache(layers)
             self.handles = [self.cache.open(ctx + (rounds + 1) * reps + 8) for _ in range(rows)]
-            prompt_k, prompt_v = randn(rows, kv_heads, ctx, dim), randn(rows, kv_heads, ctx, dim)
-            self.cache.begin(self.handles, ctx)
-            for layer in range(layers):
-                self.cache.update(prompt_k, prompt_v, layer)
-            self.cache.commit()
+            first = ctx if short is None else short
+            for handles, n in ((self.handles, first), (self.handles[:1], ctx - first)):
+                if n:
+                    k = randn(len(handles), kv_heads, n, dim)
+                    v = randn(len(handles), kv_heads, n, dim)
+                    self.cache.begin(handles, n)
+                    for layer in range(layers):
+                        self.cache.update(k, v, layer)
+                    self.cache.commit()
 
         def step(self) -> None:
             saved, kvcache.STAGING_SHARE = kvcache.STAGING_SHARE, self.share
@@ -381,15 +391,19 @@ def step_cost(
         f"{heads} heads ({kv_heads} KV) of {dim}, {dtype}; ms per step, median (range) of "
         f"{rounds} rounds of {reps} steps",
         "",
-        "| context | paged, staged (the engine) | paged, every row gathered each step (no staging) "
-        "| contiguous buffers (the slot cache's bound) | staged / contiguous "
+        "| context | paged (the engine: staged where it fits) "
+        "| paged, every row gathered each step (no staging) "
+        "| contiguous buffers (the slot cache's bound) | engine / contiguous "
         "| gathered / contiguous |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for ctx in contexts:
+    cases: list[tuple[str, int, int | None]] = [(str(c), c, None) for c in contexts]
+    if uneven:  # one long row among short ones: staging would be mostly padding
+        cases.append((f"{max(contexts)} + {rows - 1} x {uneven}", max(contexts), uneven))
+    for label, ctx, short in cases:
         sides: dict[str, Any] = {
-            "staged": Paged(ctx, kvcache.STAGING_SHARE),
-            "gathered": Paged(ctx, 0.0),
+            "staged": Paged(ctx, kvcache.STAGING_SHARE, short),
+            "gathered": Paged(ctx, 0.0, short),
             "contiguous": Contiguous(ctx),
         }
         times: dict[str, list[float]] = {name: [] for name in sides}
@@ -404,7 +418,7 @@ def step_cost(
                     times[name].append((time.perf_counter() - t0) / reps)
         med = {name: statistics.median(t) for name, t in times.items()}
         lines.append(
-            f"| {ctx} | "
+            f"| {label} | "
             + " | ".join(f"{med[n] * 1e3:.2f} ({spread(times[n])})" for n in sides)
             + f" | {med['staged'] / med['contiguous']:.2f} "
             f"| {med['gathered'] / med['contiguous']:.2f} |"
@@ -426,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contexts", default="100,1000,2000", help="context lengths for (3)")
     ap.add_argument("--step-rows", type=int, default=8, help="rows of the steps in (3)")
     ap.add_argument("--step-reps", type=int, default=20, help="steps per round in (3)")
+    ap.add_argument(
+        "--step-uneven",
+        type=int,
+        default=100,
+        help="(3) also: one row of the longest context among rows of this many tokens (0: not)",
+    )
     ap.add_argument("--skip-stall", action="store_true")
     ap.add_argument("--skip-admission", action="store_true")
     ap.add_argument("--skip-step", action="store_true")
@@ -471,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.step_rows,
                             args.rounds,
                             args.step_reps,
+                            args.step_uneven,
                         )
                     )
                 )
