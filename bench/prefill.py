@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python bench/prefill.py [--size medium] [--rounds 5] [--chunks 0,128,256] \\
         [--streams 4] [--long 1000] [--device cpu] [--contexts 100,1000,2000] [--step-rows 8] \\
-        [--step-uneven 100] [--skip-stall] [--skip-admission] [--skip-step]
+        [--step-uneven 100] [--decode-contexts 1000] [--decode-tokens 64] \\
+        [--skip-stall] [--skip-admission] [--skip-step] [--skip-decode]
 
 (1) Running streams while a long prompt arrives. ``--streams`` greedy requests (16-token
 prompts) are decoding; once they are steady, a ``--long``-token prompt is submitted. The time
@@ -28,6 +29,11 @@ in place (what the slot cache it replaced did: the bound); and one row of the lo
 among ``--step-uneven``-token rows, which the engine gathers (staging them would be mostly
 padding), against contiguous buffers as wide as the longest row. Medians over ``--rounds``
 rounds of ``--step-reps`` steps each, the three interleaved round by round.
+
+(4) The same in the model: ``--step-rows`` greedy requests with ``--decode-contexts``-token
+prompts, submitted at once; the decoding step's time while all of them decode, staged (the
+engine) and with every row gathered each step, interleaved round by round; and whether both
+generate the same tokens.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ from engine.scheduler import Scheduler
 
 STEPS: list[float] = []
 """perf_counter() at the end of every decoding step (one scheduler runs at a time)."""
+STEP_COSTS: list[tuple[int, float]] = []
+"""(rows, seconds) of every decoding step."""
 PROMPTS_DONE: list[tuple[float, int]] = []
 """(perf_counter(), prompt length) whenever a prefill completes a prompt: its first token."""
 
@@ -67,8 +75,10 @@ _real_prefill = DecodeBatch.prefill
 
 
 def _timed_step(self: DecodeBatch) -> None:
+    rows, t0 = len(self.rows), time.perf_counter()
     _real_step(self)
     STEPS.append(time.perf_counter())
+    STEP_COSTS.append((rows, STEPS[-1] - t0))
 
 
 def _timed_prefill(self: DecodeBatch, seqs: Any, q: int | None = None) -> None:
@@ -427,6 +437,60 @@ def step_cost(
     return lines
 
 
+def decode_steps(
+    eng: Engine, contexts: list[int], rows: int, rounds: int, tokens: int
+) -> list[str]:
+    """(4): the model's decoding step with ``rows`` requests of about each context length,
+    staged (the engine) and with every row gathered each step, interleaved round by round."""
+    g = torch.Generator().manual_seed(3)
+    vocab = min(int(eng.model.config.vocab_size), len(eng.tokenizer))
+    sides = {"staged": kvcache.STAGING_SHARE, "gathered": 0.0}
+    lines = [
+        f"the model's decoding step, {rows} greedy requests with prompts of the context length "
+        f"and {tokens} tokens each, all submitted at once; ms per step while all {rows} "
+        f"decode, median over {rounds} rounds (range of the rounds' medians)",
+        "",
+        "| context | staged (the engine) | every row gathered each step | gathered / staged "
+        "| same tokens |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    saved = kvcache.STAGING_SHARE
+    sched = Scheduler(eng, prefill_chunk=256)
+    try:
+        for ctx in contexts:
+            prompts = [torch.randint(5, vocab, (ctx,), generator=g).tolist() for _ in range(rows)]
+            medians: dict[str, list[float]] = {name: [] for name in sides}
+            outputs: set[tuple[tuple[int, ...], ...]] = set()
+            for r in range(rounds + 1):  # round 0 warms up
+                for name, share in sides.items():
+                    kvcache.STAGING_SHARE = share  # read by the scheduler thread's passes
+                    sinks = [Sink() for _ in prompts]
+                    STEP_COSTS.clear()
+                    with eng.lock:  # the scheduler admits all of them together
+                        for p, sink in zip(prompts, sinks, strict=True):
+                            sched.submit(p, greedy(tokens), sink)
+                    for sink in sinks:
+                        if not sink.done.wait(600):
+                            raise RuntimeError("a request did not finish")
+                    if not all(isinstance(sink.result, Finished) for sink in sinks):
+                        raise RuntimeError("a request failed")
+                    outputs.add(tuple(tuple(sink.result.result.token_ids) for sink in sinks))
+                    full = [t for n, t in STEP_COSTS if n == rows]
+                    if r and full:
+                        medians[name].append(statistics.median(full))
+            med = {name: statistics.median(v) for name, v in medians.items()}
+            lines.append(
+                f"| {ctx} | "
+                + " | ".join(f"{med[n] * 1e3:.1f} ({spread(medians[n])})" for n in sides)
+                + f" | {med['gathered'] / med['staged']:.2f} "
+                f"| {'yes' if len(outputs) == 1 else 'NO'} |"
+            )
+    finally:
+        kvcache.STAGING_SHARE = saved
+        sched.close()
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size", default="medium", help="a model size of bench/engine.py")
@@ -449,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-stall", action="store_true")
     ap.add_argument("--skip-admission", action="store_true")
     ap.add_argument("--skip-step", action="store_true")
+    ap.add_argument("--decode-contexts", default="1000", help="context lengths for (4)")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="tokens per request in (4)")
+    ap.add_argument("--skip-decode", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -494,6 +561,14 @@ def main(argv: list[str] | None = None) -> int:
                             args.step_uneven,
                         )
                     )
+                )
+            )
+        if not args.skip_decode:
+            contexts = [int(c) for c in args.decode_contexts.split(",")]
+            print()
+            print(
+                "\n".join(
+                    decode_steps(eng, contexts, args.step_rows, args.rounds, args.decode_tokens)
                 )
             )
         eng.close()
