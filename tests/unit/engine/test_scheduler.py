@@ -21,7 +21,7 @@ from engine.errors import ExpertSetError
 from engine.generation import Finished, GenerationResult, TextDelta
 from engine.routing import RoutingControl
 from engine.sampling import SamplingParams
-from engine.scheduler import GenerationError, Scheduler
+from engine.scheduler import GenerationError, RequestControl, Scheduler
 from tests.unit.engine.conftest import IDS
 
 EXPERTS = IDS
@@ -158,7 +158,7 @@ def test_more_requests_than_slots_all_complete(backend: Engine) -> None:
 
 def test_cancel_frees_the_slot(sched: Scheduler) -> None:
     sink = Collector(lambda c, ev: control.cancel() if c.n_tokens >= 3 else None)
-    control = sched.submit("The", greedy(500), sink)
+    control: RequestControl = sched.submit("The", greedy(500), sink)
     res = sink.result
     assert res.finish_reason == "cancelled"
     assert 3 <= res.completion_tokens < 500
