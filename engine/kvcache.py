@@ -11,10 +11,26 @@ tokens each); every layer's :meth:`~_PagedLayer.update` then writes the new keys
 into their slots with one ``index_copy_`` and returns ``[rows, kv_heads, kv_len, head_dim]``
 views for attention: the new states themselves when every row starts at position 0 (a prefill),
 a slice of the pool when one sequence's blocks are consecutive (batch-1 decoding, no copy), and
-otherwise one gather of the rows' blocks, right-padded to the longest row. The caller masks
-each row's columns from its length on. Padding and unused slots always hold finite values
-(the pools are zero-filled and only ever receive keys and values), so a masked column
-contributes exactly nothing.
+otherwise, right-padded to the longest row:
+
+- for a decoding step (one token per row), the staging buffers: per layer ``[rows, kv_heads,
+  columns, head_dim]``, the decoding batch's rows in the order of its steps. A step appends each
+  row's token there and gathers from the pool only the rows that joined, moved up (a row
+  before them left) or fell behind, so a steady step copies nothing proportional to the
+  context (re-gathering every row at every step tripled the memory traffic of attention at
+  long contexts, which is memory-bound: read, write, read again). They cost memory beside the
+  pools, rows x the longest row, so they are used only while that is at most
+  :data:`STAGING_SHARE` of the pools;
+- otherwise (a chunk of a prompt, whose gather is paid once for many tokens, or one long row
+  among short ones), one gather of the rows' blocks into a scratch buffer that every layer
+  reuses.
+
+Staging and scratch buffers grow geometrically, so a step at a length already seen allocates
+nothing; staging is dropped when the pools shrink below it, the scratch buffer whenever a
+sequence closes. The caller masks each row's columns from its length on. Padding and unused slots
+always hold finite values (pools and staging are zero-filled and only ever receive keys and
+values; a gather writes every column it returns), so a masked column contributes exactly
+nothing.
 
 Reservations make the budget a guarantee: :meth:`PagedKVCache.open` reserves the most blocks a
 sequence can ever need, and fails when the reservations would exceed ``max_blocks``; blocks are
@@ -32,7 +48,7 @@ import heapq
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -58,6 +74,12 @@ scheduler is created (after the weights are loaded). A quarter leaves room for a
 (a prefill chunk's, the LM head's), the pools' growth (old and new pool coexist while one is
 copied) and other processes. With several workers per machine, each takes a quarter of what is
 left when it starts: set ``FLEXGATE_KV_CACHE_BYTES`` explicitly there."""
+
+STAGING_SHARE = 1.0
+"""The staging buffers (rows x the longest row's columns, every layer) may hold at most this
+share of the tokens the pools hold, so a decoding batch of rows of similar lengths (the common
+case) is staged and one long row among short ones (where staging would hold mostly padding)
+is gathered instead. Staging is memory beside the budget, which bounds the pools."""
 
 _SHRINK_BELOW = 4
 """A pool shrinks (to twice the blocks in use) when at most ``1 / _SHRINK_BELOW`` of it is in
@@ -112,34 +134,96 @@ class _Pass:
     """Columns attention sees: the longest row's length after this pass."""
     query_offset: int
     """Position of the first query column among the ``kv_len`` columns (``kv_len - q``)."""
-    fresh: bool
-    """Every row starts at 0: attention needs only the states computed in this pass."""
+    mode: Literal["fresh", "slice", "stage", "gather"]
+    """What attention reads: ``fresh`` (every row starts at 0: the states computed in this
+    pass), ``slice`` (one row on consecutive blocks: a view of the pool), ``stage`` (the
+    staging buffers, rows appended or refilled) or ``gather`` (the shared scratch buffer)."""
     slots: list[int]
     """Pool slot (``block * BLOCK_TOKENS + offset``) of every new token, row-major."""
     gather: list[int] | None
-    """``rows * n_blocks`` block ids to gather (short rows padded with block 0)."""
+    """Block ids to gather, ``len(gathered) * gather_blocks`` (short rows padded with block
+    0): every row (``gather``) or the rows to refill (``stage``)."""
+    gather_blocks: int
     first_block: int | None
-    """One row whose blocks are consecutive from this id: attention reads a slice."""
+    """``slice``: the first of the row's consecutive blocks."""
     n_blocks: int
     handles: list[int]
-    _on: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    appended: list[int] = field(default_factory=list)
+    """``stage``: rows whose staged keys and values are current up to this pass (only its
+    token is written)."""
+    refilled: list[int] = field(default_factory=list)
+    """``stage``: rows gathered from the pool (new in the batch, moved, or out of date)."""
+    positions: list[int] = field(default_factory=list)
+    """``stage``: every appended row's position (its column for the new token)."""
+    stage_shape: tuple[int, int] = (0, 0)
+    """``stage``: rows and columns every layer's staging buffers have for this pass."""
+    keep: tuple[int, int] = (0, 0)
+    """``stage``: rows and columns of the staging buffers still valid when they grow."""
+    previous_shape: tuple[int, int] = (0, 0)
+    """``stage``: the staging buffers' shape before this pass (restored if it never ran)."""
+    touched: bool = False
+    """``stage``: a layer has written its staging buffers for this pass."""
+    _on: dict[torch.device, _Indices] = field(default_factory=dict)
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The slot and gather indices on ``device`` (made once per pass and device)."""
+    def on(self, device: torch.device) -> _Indices:
+        """The index tensors on ``device`` (made once per pass and device)."""
         got = self._on.get(device)
         if got is None:
-            slots = torch.tensor(self.slots, dtype=torch.long, device=device)
-            gather = (
-                None
-                if self.gather is None
-                else torch.tensor(self.gather, dtype=torch.long, device=device)
+
+            def tensor(values: list[int]) -> torch.Tensor:
+                return torch.tensor(values, dtype=torch.long, device=device)
+
+            appended = refilled = positions = None
+            if self.mode == "stage":
+                if self.appended:
+                    appended, positions = tensor(self.appended), tensor(self.positions)
+                if self.refilled:
+                    refilled = tensor(self.refilled)
+            got = self._on[device] = _Indices(
+                slots=tensor(self.slots),
+                gather=None if self.gather is None else tensor(self.gather),
+                appended=appended,
+                positions=positions,
+                refilled=refilled,
             )
-            got = self._on[device] = (slots, gather)
+        return got
+
+
+@dataclass
+class _Indices:
+    slots: torch.Tensor
+    gather: torch.Tensor | None
+    appended: torch.Tensor | None
+    positions: torch.Tensor | None
+    refilled: torch.Tensor | None
+    _flat: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _pool: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def pool_slots(self, rows: int, heads: int, slots: int) -> torch.Tensor:
+        """Where the new tokens go in a pool of ``heads`` x ``slots`` seen as ``[heads *
+        slots, head_dim]``, in the order of ``[rows, heads, q]``."""
+        got = self._pool.get((heads, slots))
+        if got is None:
+            head = torch.arange(heads, device=self.slots.device) * slots
+            per_row = self.slots.view(rows, 1, -1)
+            got = self._pool[heads, slots] = (per_row + head.view(1, heads, 1)).reshape(-1)
+        return got
+
+    def appended_slots(self, heads: int, cols: int) -> torch.Tensor:
+        """Where the appended rows' tokens go in a staging buffer of ``heads`` x ``cols``
+        seen as ``[rows * heads * cols, head_dim]``: row-major over (row, head)."""
+        got = self._flat.get((heads, cols))
+        if got is None:
+            assert self.appended is not None and self.positions is not None
+            head = torch.arange(heads, device=self.appended.device) * cols
+            base = self.appended * (heads * cols) + self.positions
+            got = self._flat[heads, cols] = (base.unsqueeze(1) + head).reshape(-1)
         return got
 
 
 class _PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
-    """One decoder layer's pools; block tables and the pass come from the owner."""
+    """One decoder layer's pools and staging buffers; block tables and the pass come from the
+    owner."""
 
     is_compileable = False
     is_sliding = False
@@ -150,6 +234,10 @@ class _PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         self._owner = owner
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self.staged_keys: torch.Tensor | None = None
+        """``[rows, kv_heads, columns, head_dim]``: the decoding batch's keys, row by row in
+        the order of its passes (see :class:`PagedKVCache`)."""
+        self.staged_values: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         cap = self._owner.capacity
@@ -174,22 +262,77 @@ class _PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         if self.keys is None or self.values is None:
             self.lazy_initialization(key_states, value_states)
         assert self.keys is not None and self.values is not None
-        slots, gather = p.on(self.keys.device)
+        idx = p.on(self.keys.device)
+        if p.mode == "stage":
+            p.touched = True
+            self._fit_staging(p)
         out: list[torch.Tensor] = []
-        for pool, new in ((self.keys, key_states), (self.values, value_states)):
+        for n, (pool, new) in enumerate(((self.keys, key_states), (self.values, value_states))):
             heads, cap, _, dim = pool.shape
-            flat = pool.view(heads, cap * BLOCK_TOKENS, dim)
-            flat.index_copy_(1, slots, new.transpose(0, 1).reshape(heads, rows * q, dim))
-            if p.fresh:
+            # one index_copy_ of the states as they come ([rows, heads, q, dim], no transpose)
+            pool.view(heads * cap * BLOCK_TOKENS, dim).index_copy_(
+                0, idx.pool_slots(rows, heads, cap * BLOCK_TOKENS), new.reshape(-1, dim)
+            )
+            if p.mode == "fresh":
                 out.append(new)
-            elif p.first_block is not None:
+            elif p.mode == "slice":
+                assert p.first_block is not None
                 span = pool[:, p.first_block : p.first_block + p.n_blocks]
                 out.append(span.reshape(heads, -1, dim)[:, : p.kv_len].unsqueeze(0))
-            else:
-                assert gather is not None
-                picked = pool.index_select(1, gather).view(heads, rows, -1, dim)
+            elif p.mode == "gather":
+                assert idx.gather is not None
+                picked = self._gather(pool, idx.gather, n).view(heads, rows, -1, dim)
                 out.append(picked[:, :, : p.kv_len].transpose(0, 1))
+            else:
+                stage = self.staged_keys if n == 0 else self.staged_values
+                assert stage is not None
+                if idx.appended is not None:
+                    # q == 1: each appended row's token goes to its own column, one
+                    # index_copy_ into the flat buffer (advanced indexing over rows and
+                    # columns would restride the whole buffer: a cost that grows with it)
+                    src = new if len(p.appended) == rows else new.index_select(0, idx.appended)
+                    r_cap, _, c_cap, _ = stage.shape
+                    stage.view(r_cap * heads * c_cap, dim).index_copy_(
+                        0, idx.appended_slots(heads, c_cap), src.reshape(-1, dim)
+                    )
+                if idx.refilled is not None:
+                    assert idx.gather is not None
+                    cols = p.gather_blocks * BLOCK_TOKENS
+                    picked = self._gather(pool, idx.gather, n)
+                    picked = picked.view(heads, len(p.refilled), cols, dim).transpose(0, 1)
+                    stage[:, :, :cols].index_copy_(0, idx.refilled, picked)
+                out.append(stage[:rows, :, : p.kv_len])
         return out[0], out[1]
+
+    def _gather(self, pool: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
+        """``pool``'s ``blocks`` into the owner's scratch buffer ``n`` (0: keys, 1: values):
+        ``[kv_heads, len(blocks), BLOCK_TOKENS, head_dim]``, valid until the next layer."""
+        shape = (pool.shape[0], blocks.numel(), BLOCK_TOKENS, pool.shape[-1])
+        buf = self._owner.scratch(pool, n, shape)
+        torch.index_select(pool, 1, blocks, out=buf)
+        return buf
+
+    def _fit_staging(self, p: _Pass) -> None:
+        """Give the staging buffers the pass's shape, keeping the rows and columns still valid
+        (growth is geometric, so this is rare)."""
+        assert self.keys is not None and self.values is not None
+        rows, cols = p.stage_shape
+        keep_rows, keep_cols = p.keep
+        for name, pool in (("staged_keys", self.keys), ("staged_values", self.values)):
+            old: torch.Tensor | None = getattr(self, name)
+            if old is not None and old.shape[0] == rows and old.shape[2] == cols:
+                continue
+            if old is None and p.appended:  # the owner believes this layer holds those rows
+                raise RuntimeError("a layer's staging buffers are out of step with the cache")
+            # zero-filled, then only ever keys and values: masked columns stay finite
+            new = pool.new_zeros((rows, pool.shape[0], cols, pool.shape[-1]))
+            if old is not None and keep_rows and keep_cols:
+                kr, kc = min(keep_rows, old.shape[0]), min(keep_cols, old.shape[2])
+                new[:kr, :, :kc].copy_(old[:kr, :, :kc])
+            setattr(self, name, new)
+
+    def drop_staging(self) -> None:
+        self.staged_keys = self.staged_values = None
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         p = self._owner.current
@@ -204,6 +347,7 @@ class _PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self.drop_staging()
         self.is_initialized = False
 
     def resize(self, capacity: int, moves: tuple[list[int], list[int]] | None = None) -> None:
@@ -250,6 +394,12 @@ class PagedKVCache(Cache):
         self._reserved: dict[int, int] = {}
         self._reserved_total = 0
         self._next_handle = 0
+        self._staged: list[tuple[int, int]] = []
+        """(handle, length) of every staging row whose keys and values are current in every
+        layer's staging buffers, in row order."""
+        self._stage_shape = (0, 0)
+        """Rows and columns of the staging buffers (every layer's, once it has run a pass)."""
+        self._scratch: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
         super().__init__(layers=[_PagedLayer(self) for _ in range(num_layers)])
 
     @property
@@ -275,6 +425,23 @@ class PagedKVCache(Cache):
                 if pool is not None:
                     total += pool.numel() * pool.element_size()
         return total
+
+    @property
+    def working_bytes(self) -> int:
+        """Bytes of the buffers attention reads beside the pools: the staging buffers (all
+        layers) and the shared scratch buffers."""
+        # tuple(): one step under the GIL (Scheduler.memory() reads this from other threads)
+        total = sum(buf.numel() * buf.element_size() for buf in tuple(self._scratch.values()))
+        for layer in self.paged_layers:
+            for stage in (layer.staged_keys, layer.staged_values):
+                if stage is not None:
+                    total += stage.numel() * stage.element_size()
+        return total
+
+    @property
+    def staging_shape(self) -> tuple[int, int]:
+        """Rows and columns (tokens) of the staging buffers; (0, 0) when there are none."""
+        return self._stage_shape
 
     @property
     def sequences(self) -> int:
@@ -316,7 +483,11 @@ class PagedKVCache(Cache):
             heapq.heappush(self._free, block)
         del self._lengths[handle]
         self._reserved_total -= self._reserved.pop(handle)
+        self._scratch.clear()  # sized for the batch that was: regrown on demand, once
         self._maybe_shrink()
+        rows, cols = self._stage_shape
+        if rows * cols > self._staging_limit():
+            self._drop_staging()
 
     # -- passes ---------------------------------------------------------------------------------
 
@@ -352,31 +523,106 @@ class PagedKVCache(Cache):
             )
         kv_len = max(starts) + q
         n_blocks = blocks_for(kv_len)
-        fresh = all(s == 0 for s in starts)
-        first: int | None = None
-        gather: list[int] | None = None
-        if not fresh:
-            table = self._tables[handles[0]][:n_blocks]
-            if len(handles) == 1 and table == list(range(table[0], table[0] + n_blocks)):
-                first = table[0]
-            else:
-                gather = []
-                for h in handles:
-                    t = self._tables[h][:n_blocks]
-                    gather.extend(t)
-                    gather.extend([0] * (n_blocks - len(t)))
-        self.current = _Pass(
+        p = _Pass(
             rows=len(handles),
             q=q,
             kv_len=kv_len,
             query_offset=kv_len - q,
-            fresh=fresh,
+            mode="fresh",
             slots=slots,
-            gather=gather,
-            first_block=first,
+            gather=None,
+            gather_blocks=0,
+            first_block=None,
             n_blocks=n_blocks,
             handles=list(handles),
         )
+        if not all(s == 0 for s in starts):
+            table = self._tables[handles[0]][:n_blocks]
+            if len(handles) == 1 and table == list(range(table[0], table[0] + n_blocks)):
+                p.mode, p.first_block = "slice", table[0]
+            elif q == 1 and self._plan_staging(p, starts):
+                p.mode = "stage"
+            else:
+                # a chunk (its gather is paid once for q tokens), or staging would not fit
+                if q == 1:
+                    self._drop_staging()
+                p.mode, p.gather_blocks = "gather", n_blocks
+                p.gather = self._block_ids(handles, n_blocks)
+        self.current = p
+
+    def _block_ids(self, handles: Sequence[int], n_blocks: int) -> list[int]:
+        """The first ``n_blocks`` blocks of each of ``handles``, padded with block 0."""
+        ids: list[int] = []
+        for h in handles:
+            t = self._tables[h][:n_blocks]
+            ids.extend(t)
+            ids.extend([0] * (n_blocks - len(t)))
+        return ids
+
+    # -- staging --------------------------------------------------------------------------------
+
+    def _staging_limit(self) -> int:
+        """Most tokens (rows x columns) the staging buffers may hold: a share of the pools."""
+        return int(STAGING_SHARE * self.capacity * BLOCK_TOKENS)
+
+    def _plan_staging(self, p: _Pass, starts: Sequence[int]) -> bool:
+        """Plan a decoding step over the staging buffers: which rows only append their token,
+        which are gathered from the pool, and the buffers' shape. False when it would not fit
+        (:data:`STAGING_SHARE`)."""
+        rows, cols = p.rows, p.n_blocks * BLOCK_TOKENS
+        limit = self._staging_limit()
+        if rows * cols > limit:
+            return False
+        r0, c0 = self._stage_shape
+        if r0 * c0 > limit:  # the pools shrank since: start over
+            self._drop_staging()
+            r0 = c0 = 0
+        r = r0 if rows <= r0 else max(rows, 2 * r0)
+        c = c0 if cols <= c0 else max(cols, 2 * c0)
+        if r * c > limit:
+            r = rows
+            c = max(cols, min(c, limit // r // BLOCK_TOKENS * BLOCK_TOKENS))
+        keep = (0, 0)
+        if (r, c) == (r0, c0):
+            keep = (r, c)
+        elif r >= r0 and c >= c0 and self._staged:
+            keep = (min(len(self._staged), r0), min(c0, max(n for _, n in self._staged)))
+        p.stage_shape, p.keep, p.previous_shape = (r, c), keep, self._stage_shape
+        self._stage_shape = (r, c)
+        staged = self._staged[: keep[0]]
+        refill_blocks = 0
+        for i, (h, start) in enumerate(zip(p.handles, starts, strict=True)):
+            if i < len(staged) and staged[i] == (h, start):
+                p.appended.append(i)
+                p.positions.append(start)
+            else:
+                p.refilled.append(i)
+                refill_blocks = max(refill_blocks, blocks_for(start + 1))
+        if p.refilled:
+            p.gather_blocks = refill_blocks
+            p.gather = self._block_ids([p.handles[i] for i in p.refilled], refill_blocks)
+        return True
+
+    def _drop_staging(self) -> None:
+        for layer in self.paged_layers:
+            layer.drop_staging()
+        self._staged = []
+        self._stage_shape = (0, 0)
+
+    def scratch(self, like: torch.Tensor, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """A contiguous ``shape`` view of scratch buffer ``n`` on ``like``'s device and dtype.
+        One buffer serves every layer: a layer's gather is read by its attention before the
+        next layer's update overwrites it. It grows by a quarter at least, so steps as the
+        rows lengthen rarely allocate, and is let go whenever a sequence closes."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        key = (like.device, like.dtype, n)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < numel:
+            size = numel if buf is None else max(numel, buf.numel() * 5 // 4)
+            buf = self._scratch[key] = like.new_empty(size)
+        return buf[:numel].view(shape)
 
     def commit(self) -> None:
         """The planned pass ran: its tokens now count in their sequences' lengths."""
@@ -385,11 +631,19 @@ class PagedKVCache(Cache):
             raise RuntimeError("no pass is planned")
         for h in p.handles:
             self._lengths[h] += p.q
+        if p.mode == "stage":
+            self._staged = [(h, self._lengths[h]) for h in p.handles]
         self.current = None
 
     def cancel(self) -> None:
         """The planned pass failed: lengths stay as they were (its blocks stay allocated to
         their sequences, within their reservations)."""
+        p = self.current
+        if p is not None and p.mode == "stage":
+            if p.touched:  # some layers' staging may hold this pass's rows, others not
+                self._staged = []
+            else:
+                self._stage_shape = p.previous_shape
         self.current = None
 
     # -- pools ----------------------------------------------------------------------------------
@@ -418,6 +672,7 @@ class PagedKVCache(Cache):
                 layer.reset()
             self.capacity = 0
             self._free = []
+            self._drop_staging()
             return
         if used * _SHRINK_BELOW > self.capacity:
             return

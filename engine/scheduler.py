@@ -164,6 +164,9 @@ class KVMemory:
     """What the cache's block pools hold now."""
     requests: int
     """Requests holding KV memory: running, or with their prompt being prefilled."""
+    working_bytes: int = 0
+    """Buffers attention reads beside the pools, outside the budget: the decoding batch's
+    staging buffers (at most the pools' size again) and the gather buffer the layers share."""
 
 
 class GenerationStream:
@@ -468,6 +471,7 @@ class Scheduler:
             reserved_bytes=cache.reserved_blocks * self._block_bytes,
             allocated_bytes=cache.allocated_bytes,
             requests=len(batch.rows) + len(batch.prefilling),
+            working_bytes=cache.working_bytes,
         )
 
     # -- the scheduler thread -------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from contracts.settings import Settings, SettingsError
+from engine import kvcache
 from engine.api import Engine, load_engine
 from engine.errors import PromptError
 from engine.generation import DecodeBatch, Finished, GenerationResult
@@ -95,6 +96,164 @@ def test_one_sequence_on_consecutive_blocks_is_read_without_a_copy() -> None:
     m.check([h], (keys, values))
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _staged(cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    layer = cache.paged_layers[0]
+    assert layer.staged_keys is not None and layer.staged_values is not None
+    return layer.staged_keys, layer.staged_values
+
+
+def _plan(cache: PagedKVCache, handles: list[int]) -> tuple[str, list[int], list[int]]:
+    """What a decoding step over ``handles`` would do: (mode, appended rows, refilled rows)."""
+    cache.begin(handles, 1)
+    p = cache.current
+    assert p is not None
+    cache.cancel()
+    return p.mode, p.appended, p.refilled
+
+
+def test_decoding_steps_append_to_staging_buffers_they_reuse() -> None:
+    cache = PagedKVCache(1)
+    m = Mirror(cache)
+    rows = [m.open(400) for _ in range(4)]
+    m.run(rows, 32, seed=0)  # a prefill: each row on its own consecutive blocks
+    assert _plan(cache, rows) == ("stage", [], [0, 1, 2, 3])
+    m.check(rows, m.run(rows, 1, seed=1))  # the first step gathers every row once
+    keys, values = _staged(cache)
+    shape, working = cache.staging_shape, cache.working_bytes
+    assert shape[0] >= 4 and shape[1] >= 48 and working > 0
+    while cache.length(rows[0]) < 48:  # within the columns the buffers have: only appends
+        assert _plan(cache, rows) == ("stage", [0, 1, 2, 3], [])
+        out = m.run(rows, 1, seed=10 + cache.length(rows[0]))
+        m.check(rows, out)
+        assert _storage(out[0]) == _storage(keys) and _storage(out[1]) == _storage(values)
+        assert all(a is b for a, b in zip(_staged(cache), (keys, values), strict=True))
+        assert cache.staging_shape == shape and cache.working_bytes == working
+    # a longer sequence: the buffers grow, keeping the rows still current
+    m.run(rows[:1], 40, seed=80)  # a chunk (gathered): the staging is left alone
+    assert cache.staging_shape == shape
+    assert _plan(cache, rows) == ("stage", [1, 2, 3], [0])
+    m.check(rows, m.run(rows, 1, seed=81))
+    grown = cache.staging_shape
+    assert grown[1] > shape[1] and grown[1] >= cache.length(rows[0])
+    assert cache.working_bytes > working
+    for step in range(5):
+        assert _plan(cache, rows) == ("stage", [0, 1, 2, 3], [])
+        m.check(rows, m.run(rows, 1, seed=90 + step))
+    assert cache.staging_shape == grown
+
+
+def _allocated_by(fn: Any) -> int:
+    """Bytes ``fn()`` allocates on the CPU (freed or not), as torch's profiler records them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.0], ids=["staged", "gathered"])
+def test_a_steady_decoding_step_allocates_nothing_proportional_to_the_context(
+    share: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kvcache, "STAGING_SHARE", share)
+    heads, dim, rows, layers = 8, 32, 4, 2
+    cache = PagedKVCache(layers)
+    handles = [cache.open(1000) for _ in range(rows)]
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randn(rows, heads, 600, dim, generator=g)
+    new = torch.randn(rows, heads, 1, dim, generator=g)
+
+    def step() -> None:
+        cache.begin(handles, 1)
+        for layer in range(layers):
+            cache.update(new, new, layer)
+        cache.commit()
+
+    cache.begin(handles, 600)
+    for layer in range(layers):
+        cache.update(prompt, prompt, layer)
+    cache.commit()
+    one_row = 600 * heads * dim * prompt.element_size()  # one row's keys in one layer
+    first = _allocated_by(step)  # the buffers are made for this length
+    assert first >= 2 * one_row
+    for _ in range(3):
+        assert _allocated_by(step) < one_row // 16
+    assert cache.staging_shape == ((rows, blocks_for(601) * BLOCK_TOKENS) if share else (0, 0))
+
+
+def test_rows_that_join_leave_or_move_are_gathered_the_others_appended() -> None:
+    cache = PagedKVCache(1)
+    m = Mirror(cache)
+    a, b, c = m.open(300), m.open(300), m.open(300)
+    m.run([a, b, c], 30, seed=0)
+    m.run([a, b, c], 1, seed=1)
+    d = m.open(300)
+    m.run([d], 20, seed=2)  # joins later, shorter
+    m.run([a, b, c], 1, seed=3)  # the three go on appending
+    assert _plan(cache, [a, b, c, d]) == ("stage", [0, 1, 2], [3])
+    m.check([a, b, c, d], m.run([a, b, c, d], 1, seed=4))
+    cache.close(b)  # b leaves: c and d move up a row
+    m.keys.pop(b), m.values.pop(b)
+    assert _plan(cache, [a, c, d]) == ("stage", [0], [1, 2])
+    for step in range(3):
+        m.check([a, c, d], m.run([a, c, d], 1, seed=5 + step))
+
+
+def test_a_cancelled_step_leaves_no_stale_staging() -> None:
+    cache = PagedKVCache(2)
+    rows = [cache.open(100) for _ in range(3)]
+    g = torch.Generator().manual_seed(0)
+    written: list[list[torch.Tensor]] = [[] for _ in range(2)]
+
+    def step(q: int, layers: int, keep: bool) -> list[torch.Tensor]:
+        k = torch.randn(3, HEADS, q, DIM, generator=g)
+        cache.begin(rows, q)
+        out = [cache.update(k * (layer + 1), k, layer)[0] for layer in range(layers)]
+        if keep:
+            cache.commit()
+            for layer in range(2):
+                written[layer].append(k * (layer + 1))
+        else:
+            cache.cancel()
+        return out
+
+    step(20, 2, keep=True)
+    step(1, 2, keep=True)
+    step(1, 1, keep=False)  # layer 0's staging took a token the pass never committed
+    for _ in range(3):
+        out = step(1, 2, keep=True)
+    for layer in range(2):
+        assert torch.equal(out[layer][:, :, : cache.length(rows[0])], torch.cat(written[layer], 2))
+
+
+def test_uneven_rows_gather_into_one_reused_scratch_buffer() -> None:
+    cache = PagedKVCache(1)
+    m = Mirror(cache)
+    long, *short = [m.open(1200)] + [m.open(40) for _ in range(7)]
+    m.run([long], 900, seed=0)
+    m.run(short, 8, seed=1)
+    # staging would hold 8 rows x the long row's columns: far more than the pools
+    m.check([long, *short], m.run([long, *short], 1, seed=2))
+    assert cache.staging_shape == (0, 0)
+    ptr, working = _storage(m.run([long, *short], 1, seed=3)[0]), cache.working_bytes
+    for step in range(10):
+        assert _plan(cache, [long, *short])[0] == "gather"
+        out = m.run([long, *short], 1, seed=4 + step)
+        m.check([long, *short], out)
+        assert _storage(out[0]) == ptr and cache.working_bytes == working
+    cache.close(long)  # the short rows alone are staged again, and the scratch is let go
+    m.keys.pop(long), m.values.pop(long)
+    m.check(short, m.run(short, 1, seed=20))
+    assert cache.staging_shape[0] >= 7 and cache.working_bytes < working
+    for h in short:
+        cache.close(h)
+    assert cache.working_bytes == 0 and cache.staging_shape == (0, 0)
+
+
 def test_reservations_bound_the_budget_and_a_sequence_its_own_growth() -> None:
     cache = PagedKVCache(1, max_blocks=10)
     assert cache.can_reserve(10 * BLOCK_TOKENS) and not cache.can_reserve(10 * BLOCK_TOKENS + 1)
@@ -163,6 +322,7 @@ def test_pools_grow_shrink_and_are_freed_with_the_last_sequence() -> None:
 def test_bytes_per_token_follow_the_config(backend: Engine) -> None:
     cfg = backend.model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert cfg.num_key_value_heads is not None
     expected = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
     assert kv_bytes_per_token(cfg, torch.float32) == expected
     assert kv_bytes_per_token(cfg, torch.bfloat16) == expected // 2
@@ -326,6 +486,7 @@ def test_the_kv_budget_sets_how_many_run_at_once(
             assert max(e[-1] for e in trace) == most, label
             m = s.memory()
             assert (m.reserved_bytes, m.allocated_bytes, m.requests) == (0, 0, 0)
+            assert m.working_bytes == 0
             assert m.budget_bytes == 12 * per_block
         # each equals its output alone
         alone = s.generate(prompts[5], greedy(25))

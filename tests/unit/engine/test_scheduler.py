@@ -21,7 +21,7 @@ from engine.errors import ExpertSetError
 from engine.generation import Finished, GenerationResult, TextDelta
 from engine.routing import RoutingControl
 from engine.sampling import SamplingParams
-from engine.scheduler import GenerationError, Scheduler
+from engine.scheduler import GenerationError, RequestControl, Scheduler
 from tests.unit.engine.conftest import IDS
 
 EXPERTS = IDS
@@ -158,7 +158,7 @@ def test_more_requests_than_slots_all_complete(backend: Engine) -> None:
 
 def test_cancel_frees_the_slot(sched: Scheduler) -> None:
     sink = Collector(lambda c, ev: control.cancel() if c.n_tokens >= 3 else None)
-    control = sched.submit("The", greedy(500), sink)
+    control: RequestControl = sched.submit("The", greedy(500), sink)
     res = sink.result
     assert res.finish_reason == "cancelled"
     assert 3 <= res.completion_tokens < 500
@@ -319,12 +319,16 @@ async def test_aclose_and_task_cancellation_free_the_slot(sched: Scheduler) -> N
             break
     await stream.aclose()
 
+    decoding = asyncio.Event()
+
     async def consume() -> None:
-        async for _ in sched.stream("Shall", greedy(500)):
-            pass
+        async for ev in sched.stream("Shall", greedy(500)):
+            if isinstance(ev, TextDelta):
+                decoding.set()
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.2)
+    # cancel once it decodes: a fixed sleep let a fast machine finish the whole request first
+    await asyncio.wait_for(decoding.wait(), 60)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
