@@ -100,6 +100,8 @@ def sync_sqlite_engine(engine: AsyncEngine) -> Engine | None:
     url = engine.url
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
+    if url.query.get("mode") == "memory" or str(url.database).startswith("file::memory:"):
+        return None
     sync = create_engine(url.set(drivername="sqlite"))
     event.listen(sync, "connect", sqlite_on_connect)
     return sync

@@ -210,20 +210,20 @@ def read_cache(path: Path) -> dict[str, Any]:
     """The entries of the cache file (empty when there is none); a file that cannot be read
     or parsed is ignored with a warning (it is rewritten by the next decision)."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
+        raw = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):  # no file (a home that cannot exist)
         return {}
     except OSError as exc:
         _warn(f"cannot read {path} ({exc}); ignoring it")
         return {}
     try:
-        data = json.loads(text)
+        data = json.loads(raw)  # bytes: a file that is not UTF-8 is a ValueError here
         if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
             raise ValueError("not a kernel cache of format 1")
         entries = data["entries"]
         if not isinstance(entries, dict):
             raise ValueError("entries is not an object")
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, RecursionError) as exc:
         _warn(f"ignoring unreadable cache file {path} ({exc}); it will be rewritten")
         return {}
     return {k: v for k, v in entries.items() if isinstance(v, dict) and _form(v) is not None}
@@ -276,8 +276,11 @@ def _cached_choice(key: Key, measure: Callable[[], float]) -> bool:
     try:
         fd = _lock_file(path)
     except OSError as exc:
-        _warn(f"cannot lock {path} ({exc}): kernel choices stay in memory")
-        return decide(measure())
+        # A read-only home still has the decisions made before (the file is only ever
+        # replaced whole, so reading it unlocked is safe): only a miss is measured here.
+        _warn(f"cannot lock {path} ({exc}): new kernel choices stay in memory")
+        found = _form(read_cache(path).get(cache_key(key)) or {})
+        return decide(measure()) if found is None else found
     try:
         name = cache_key(key)
         entries = read_cache(path)  # read once the lock is held: another process may have written

@@ -418,7 +418,8 @@ class Limiter:
         limiter's own thread and synchronous connection: one thread hand-off per batch instead
         of several per statement through aiosqlite (each waits for the GIL the engine's
         scheduler thread holds while it decodes). PostgreSQL's driver is natively async: the
-        same function runs there through `run_sync`."""
+        same function runs there through `run_sync`, as it does on an in-memory SQLite
+        database (which another connection could not see)."""
         async with translate_errors():
             if self._sync_engine is not None:
                 if self._thread is None:
@@ -426,7 +427,8 @@ class Limiter:
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(self._thread, self._apply_sqlite, batch)
             async with self.engine.begin() as conn:
-                await conn.execute(text("SET LOCAL synchronous_commit = off"))
+                if self._pg:
+                    await conn.execute(text("SET LOCAL synchronous_commit = off"))
                 return await conn.run_sync(self._apply_in, batch)
 
     def _apply_sqlite(self, batch: list[_Release | _Admit]) -> list[Any]:

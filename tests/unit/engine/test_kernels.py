@@ -202,6 +202,46 @@ def test_a_corrupt_cache_file_is_ignored_and_rewritten(
     assert entry["form"] == "transposed"
 
 
+def test_a_cache_file_that_is_not_text_is_ignored_and_rewritten(
+    monkeypatch: pytest.MonkeyPatch, fresh: Callable[[], None], tmp_path: Path
+) -> None:
+    """Bytes that are not UTF-8 (a torn or foreign file) are a corrupt file, not a crash at
+    the first decoding step of every process."""
+    monkeypatch.setenv("FLEXGATE_HOME", str(tmp_path))
+    (tmp_path / kernels.CACHE_NAME).write_bytes(b"\xff\xfe{garbage")
+    calls = counting(monkeypatch, ratio=0.5)
+    w = torch.randn(24, 16)
+    with pytest.warns(RuntimeWarning, match="unreadable cache file"):
+        assert kernels.transposed_is_faster(w, 1, lambda: [w]) is True
+    assert calls == [True]
+    assert entries(tmp_path)
+
+
+def test_an_unlockable_home_still_uses_the_decisions_in_its_file(
+    monkeypatch: pytest.MonkeyPatch, fresh: Callable[[], None], tmp_path: Path
+) -> None:
+    """A read-only home (or a lock file it may not open) keeps the file's answers; only a
+    key it lacks is measured, in memory."""
+    monkeypatch.setenv("FLEXGATE_HOME", str(tmp_path))
+    w = torch.randn(24, 16)
+    key: kernels.Key = (True, (24, 16), torch.float32, torch.get_num_threads())
+    kernels.write_cache(
+        tmp_path / kernels.CACHE_NAME, {kernels.cache_key(key): {"form": "transposed"}}
+    )
+
+    def refuse(_path: Path) -> int:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(kernels, "_lock_file", refuse)
+    calls = counting(monkeypatch, ratio=2.0)  # a measure would say F.linear
+    with pytest.warns(RuntimeWarning, match="cannot lock"):
+        assert kernels.transposed_is_faster(w, 1, lambda: [w]) is True  # the file's answer
+    assert calls == []
+    with pytest.warns(RuntimeWarning, match="cannot lock"):
+        assert kernels.transposed_is_faster(w, 3, lambda: [w]) is False  # a miss: measured
+    assert calls == [False]
+
+
 def test_an_unwritable_home_keeps_choices_in_memory(
     monkeypatch: pytest.MonkeyPatch, fresh: Callable[[], None], tmp_path: Path
 ) -> None:

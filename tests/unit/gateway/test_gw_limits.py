@@ -180,3 +180,32 @@ def test_go_duration() -> None:
     assert go_duration(0.02) == "20ms"
     assert go_duration(1.5) == "1.5s"
     assert go_duration(360.0) == "6m0s"
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite:///file:lim?mode=memory&uri=true"]
+)
+async def test_an_in_memory_database_limits_through_its_own_connection(url: str) -> None:
+    """No second connection for an in-memory SQLite database (it would see another, empty
+    database): the limiter's transaction runs on the async engine itself, and no
+    PostgreSQL-only statement is sent to it."""
+    from audit.db import Base, sync_sqlite_engine
+
+    engine = make_engine(url)
+    try:
+        assert sync_sqlite_engine(engine) is None
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        lim = Limiter(_settings(url, rate_rpm=2, rate_tpm=0, rate_max_parallel=1), engine=engine)
+        first = await lim.admit(APP, "k-mem", 5)
+        with pytest.raises(RateLimited) as err:  # one at a time
+            await lim.admit(APP, "k-mem", 5)
+        assert err.value.limit == "parallel"
+        await first.release(5)
+        await (await lim.admit(APP, "k-mem", 5)).release(5)
+        with pytest.raises(RateLimited) as err:  # 2 per minute, both taken
+            await lim.admit(APP, "k-mem", 5)
+        assert err.value.limit == "requests"
+        await lim.close()
+    finally:
+        await engine.dispose()
