@@ -71,7 +71,8 @@ def make_engine(url: str | None = None, **kwargs: Any) -> AsyncEngine:
     url = url or Settings.from_env().database_url
     if is_sqlite(url):
         path = url.split("///", 1)[-1].split("?", 1)[0]
-        if path and path != ":memory:":
+        in_memory = path == ":memory:" or "mode=memory" in url  # also `file:x?mode=memory`
+        if path and not in_memory:
             file = Path(path)
             try:
                 file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

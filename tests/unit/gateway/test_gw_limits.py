@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -185,12 +187,15 @@ def test_go_duration() -> None:
 @pytest.mark.parametrize(
     "url", ["sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite:///file:lim?mode=memory&uri=true"]
 )
-async def test_an_in_memory_database_limits_through_its_own_connection(url: str) -> None:
+async def test_an_in_memory_database_limits_through_its_own_connection(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No second connection for an in-memory SQLite database (it would see another, empty
     database): the limiter's transaction runs on the async engine itself, and no
-    PostgreSQL-only statement is sent to it."""
+    PostgreSQL-only statement is sent to it; no file is created for it either."""
     from audit.db import Base, sync_sqlite_engine
 
+    monkeypatch.chdir(tmp_path)
     engine = make_engine(url)
     try:
         assert sync_sqlite_engine(engine) is None
@@ -209,3 +214,4 @@ async def test_an_in_memory_database_limits_through_its_own_connection(url: str)
         await lim.close()
     finally:
         await engine.dispose()
+    assert not os.listdir(tmp_path)
