@@ -265,6 +265,7 @@ def train_expert(
             "router_bias": bias,
             "router_bias_init": bias_init if bias else None,
             "router_init": router_init,
+            "public_fingerprint": fingerprint(state),
             "embedding_sha256": None
             if embedding_file is None
             else hashlib.sha256(embedding_file.read_bytes()).hexdigest(),

@@ -15,6 +15,7 @@ with the weights of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import sys
@@ -157,19 +158,30 @@ def train(
         for (wd, scale), ps in sorted(by_group.items())
     ]
     opt = torch.optim.AdamW(groups, lr=schedule.lr, betas=schedule.betas, eps=1e-8)
+    # what the checkpoint must match besides the schedule: the caller's settings and the
+    # training data itself (its token blocks, so another corpus or sequence length is caught)
+    run_settings = {
+        **(settings or {}),
+        "blocks": [list(blocks.shape), hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest()],
+    }
     result = TrainResult()
     ckpt = work_dir / CHECKPOINT
     start = 0
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=world.device, weights_only=False)
+        if "settings" not in state:
+            raise KitError(
+                f"{ckpt}: a checkpoint written before runs recorded their settings and data; "
+                f"remove {work_dir} (or pass --force) to start again"
+            )
         if (
             state.get("schedule") != asdict(schedule)
             or sorted(state["params"]) != names
-            or state.get("settings", {}) != (settings or {})
+            or state["settings"] != run_settings
         ):
             raise KitError(
-                f"{ckpt}: a checkpoint of a run with other settings; remove {work_dir} "
-                "(or pass --force) to start again"
+                f"{ckpt}: a checkpoint of a run with other settings or data; remove "
+                f"{work_dir} (or pass --force) to start again"
             )
         with torch.no_grad():
             for n in names:
@@ -217,7 +229,7 @@ def train(
                 {
                     "step": done,
                     "schedule": asdict(schedule),
-                    "settings": settings or {},
+                    "settings": run_settings,
                     "params": {n: params[n].detach().cpu().clone() for n in names},
                     "optim": opt.state_dict(),
                     "losses": result.losses,

@@ -172,10 +172,11 @@ def test_resume_equals_uninterrupted(
 
 
 def test_resume_with_other_initial_settings_is_refused(
-    tmp_path: Path, public_dir: Path, code_data: Path, embedding_file: Path
+    tmp_path: Path, public_dir: Path, code_data: Path, embedding_file: Path, public_data: Path
 ) -> None:
-    """An interrupted run resumed with another bias start (or none) would continue from the
-    checkpoint's weights as if nothing had changed: refused, the checkpoint kept."""
+    """An interrupted run resumed with another bias start (or none), sequence length or
+    corpus would continue from the checkpoint's weights as if nothing had changed: refused,
+    the checkpoint kept."""
     docs = read_documents([code_data])
     kw: dict[str, Any] = dict(
         expert_id="code", owner="alice", steps=5, batch_size=4, seq_len=32, checkpoint_every=2
@@ -183,9 +184,12 @@ def test_resume_with_other_initial_settings_is_refused(
     out = tmp_path / "e"
     run = train_expert(public_dir, docs, embedding_file, out, stop_after=2, **kw)
     assert not run.complete
-    for other in ({"bias_init": -2.0}, {"bias": False}):
+    for other in ({"bias_init": -2.0}, {"bias": False}, {"seq_len": 16}):
         with pytest.raises(KitError, match="a checkpoint of a run with other settings"):
-            train_expert(public_dir, docs, embedding_file, out, **kw, **other)
+            train_expert(public_dir, docs, embedding_file, out, **{**kw, **other})
+    other_docs = read_documents([public_data])  # another corpus, same settings
+    with pytest.raises(KitError, match="a checkpoint of a run with other settings or data"):
+        train_expert(public_dir, other_docs, embedding_file, out, **kw)
     assert not out.exists() and (tmp_path / "e.partial").is_dir()
     done = train_expert(public_dir, docs, embedding_file, out, **kw)  # the same settings
     assert done.complete and (out / "expert.safetensors").is_file()
