@@ -22,6 +22,7 @@ read (:mod:`engine.stacked_experts`).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, cast
 
@@ -114,6 +115,9 @@ def _fast_norm(norm: nn.Module) -> FastRMSNorm:
 _SKINNY: weakref.WeakSet[SkinnyLinear] = weakref.WeakSet()
 _BLOCKS: weakref.WeakSet[GovernedSparseMoeBlock] = weakref.WeakSet()
 """Every MoE block alive (engine.kernels times their experts' weights together)."""
+_BLOCKS_LOCK = threading.Lock()
+"""A model built on one thread while a scheduler thread times its kernels: the set is
+snapshotted and grown under this lock (a WeakSet changed while iterated raises)."""
 
 
 def _skinny(linear: nn.Linear) -> SkinnyLinear:
@@ -175,7 +179,8 @@ class GovernedSparseMoeBlock(nn.Module):
         self._direct: list[bool] | None = None
         self.stacked: StackedExperts | None = None
         """Per-device stacks of the resident experts, once :meth:`stack_experts` was called."""
-        _BLOCKS.add(self)
+        with _BLOCKS_LOCK:
+            _BLOCKS.add(self)
 
     def forward(
         self, hidden_states: torch.Tensor, routing: RoutingControl | None = None
@@ -315,7 +320,8 @@ class GovernedSparseMoeBlock(nn.Module):
         """The CPU gate_proj weights of the loaded experts of every MoE block alive, this
         one's first (engine.kernels times them: all the layers' experts, so that the measure
         streams them from memory as decoding does; one layer's may fit in a cache)."""
-        others = [b for b in list(_BLOCKS) if b is not self]
+        with _BLOCKS_LOCK:
+            others = [b for b in list(_BLOCKS) if b is not self]
         return [w for b in [self, *others] for w in b._own_cpu_gate_weights()]
 
     def _own_cpu_gate_weights(self) -> list[torch.Tensor]:
