@@ -254,8 +254,9 @@ def _lock_file(path: Path) -> int:
     """An open descriptor holding an exclusive ``flock`` on ``path``'s lock file (released
     when it is closed, or by the kernel if the process dies); OSError when that fails."""
     assert fcntl is not None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    # a home this creates is private, as the database's (audit.db.create_private_file)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
     except BaseException:

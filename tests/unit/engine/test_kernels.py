@@ -334,3 +334,15 @@ def test_fresh_processes_sharing_a_home_agree(tmp_path: Path) -> None:
     assert len(stored) == 6
     forms = sorted(e["form"] == "transposed" for e in stored.values())
     assert forms == sorted(answers[0].values())
+
+
+def test_a_home_the_cache_creates_is_private(
+    monkeypatch: pytest.MonkeyPatch, fresh: Callable[[], None], tmp_path: Path
+) -> None:
+    home = tmp_path / "new-home"
+    monkeypatch.setenv("FLEXGATE_HOME", str(home))
+    counting(monkeypatch, ratio=0.5)
+    w = torch.randn(24, 16)
+    assert kernels.transposed_is_faster(w, 1, lambda: [w]) is True
+    assert home.stat().st_mode & 0o777 == 0o700
+    assert (home / f"{kernels.CACHE_NAME}.lock").stat().st_mode & 0o777 == 0o600
