@@ -47,7 +47,7 @@ from kit.modelio import (
     prepare_out,
     save_model,
 )
-from kit.trainer import Schedule, train
+from kit.trainer import fine_tune_schedule, partial_dir, train, train_only
 
 __all__ = ["dense_model", "train_dense"]
 
@@ -87,21 +87,9 @@ def train_dense(
     torch.manual_seed(seed)
     model = build_model(config, {k: v.clone() for k, v in state.items()})
     model.to(world.device)  # type: ignore[arg-type]  # transformers types .to oddly
-    params = {n: p for n, p in model.named_parameters() if ".mlp.experts.0." in n}
-    for p in params.values():
-        p.requires_grad_(True)
-    schedule = Schedule(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup=max(1, steps // 10),
-        weight_decay=0.0,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-    )
-    work = out.with_name(out.name + ".partial")
-    if force and work.exists():
-        shutil.rmtree(work, ignore_errors=True)
+    params = train_only(model, lambda n: ".mlp.experts.0." in n)
+    schedule = fine_tune_schedule(steps, batch_size, lr, seed, checkpoint_every)
+    work = partial_dir(out, force)
     result = train(
         model,
         params,

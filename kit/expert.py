@@ -42,7 +42,7 @@ from kit.modelio import (
     load_tokenizer,
     prepare_out,
 )
-from kit.trainer import Schedule, train
+from kit.trainer import fine_tune_schedule, partial_dir, train, train_only
 
 __all__ = [
     "BIAS_INIT",
@@ -144,13 +144,7 @@ def random_rows(layers: int, hidden: int, seed: int) -> torch.Tensor:
 
 def trainable(model: GovernedFlexOlmoForCausalLM) -> dict[str, torch.nn.Parameter]:
     """The new expert's FFNs, the router weights and biases (their public rows are masked)."""
-    out: dict[str, torch.nn.Parameter] = {}
-    for name, p in model.named_parameters():
-        if ".mlp.experts.1." in name or ".mlp.gate." in name:
-            out[name] = p
-    for p in out.values():
-        p.requires_grad_(True)
-    return out
+    return train_only(model, lambda name: ".mlp.experts.1." in name or ".mlp.gate." in name)
 
 
 def _mask_public(model: GovernedFlexOlmoForCausalLM) -> None:
@@ -237,18 +231,8 @@ def train_expert(
     model = build_coordinated(config, state, emb, bias, bias_init)
     model.to(world.device)  # type: ignore[arg-type]  # transformers types .to oddly
     params = trainable(model)
-    schedule = Schedule(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup=max(1, steps // 10),
-        weight_decay=0.0,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-    )
-    work = out.with_name(out.name + ".partial")
-    if force and work.exists():
-        shutil.rmtree(work, ignore_errors=True)  # every rank does this; one of them wins
+    schedule = fine_tune_schedule(steps, batch_size, lr, seed, checkpoint_every)
+    work = partial_dir(out, force)
     result = train(
         model,
         params,

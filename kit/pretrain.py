@@ -26,7 +26,7 @@ from kit.distributed import World, init_world
 from kit.documents import Documents
 from kit.errors import KitError, KitRefused
 from kit.modelio import atomic_dir, build_model, prepare_out, save_model
-from kit.trainer import Schedule, train
+from kit.trainer import Schedule, partial_dir, train, train_only
 
 __all__ = ["SIZES", "Size", "pretrain"]
 
@@ -74,7 +74,7 @@ def pretrain(
     prepare_out(out, force)
     world = world or init_world()
     spec = SIZES[size] if isinstance(size, str) else size
-    work = out.with_name(out.name + ".partial")
+    work = partial_dir(out, force=False)  # a stale one is judged by _check_partial
     settings = {
         "size": size if isinstance(size, str) else "custom",
         "steps": steps,
@@ -103,9 +103,7 @@ def pretrain(
     model = build_model(config)  # seeded init
     model.to(world.device)  # type: ignore[arg-type]  # transformers types .to oddly
     blocks = tokenize_blocks(tokenizer, docs.texts, spec.seq_len)
-    params = {n: p for n, p in model.named_parameters() if ".mlp.gate." not in n}
-    for p in params.values():
-        p.requires_grad_(True)
+    params = train_only(model, lambda n: ".mlp.gate." not in n)
     schedule = Schedule(
         steps=steps,
         batch_size=spec.batch_size,

@@ -25,7 +25,7 @@ from kit.modelio import (
     read_expert_infos,
     save_model,
 )
-from kit.trainer import Schedule, train
+from kit.trainer import fine_tune_schedule, partial_dir, train, train_only
 
 __all__ = ["router_tune"]
 
@@ -64,20 +64,9 @@ def router_tune(
     blocks = torch.cat([b[:n] for b in per])
     model = build_model(config, state)
     model.to(world.device)  # type: ignore[arg-type]  # transformers types .to oddly
-    params = {k: p for k, p in model.named_parameters() if ".mlp.gate." in k}
-    for p in params.values():
-        p.requires_grad_(True)
-    schedule = Schedule(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup=max(1, steps // 10),
-        weight_decay=0.0,
-        seed=seed,
-    )
-    work = out.with_name(out.name + ".partial")
-    if force and work.exists():
-        shutil.rmtree(work, ignore_errors=True)
+    params = train_only(model, lambda k: ".mlp.gate." in k)
+    schedule = fine_tune_schedule(steps, batch_size, lr, seed)
+    work = partial_dir(out, force)
 
     def clamp() -> None:
         with torch.no_grad():

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,15 @@ from kit.data import batch_rows, global_batch
 from kit.distributed import World, all_reduce_grads, all_reduce_mean
 from kit.errors import KitError
 
-__all__ = ["Schedule", "TrainResult", "lr_at", "train"]
+__all__ = [
+    "Schedule",
+    "TrainResult",
+    "fine_tune_schedule",
+    "lr_at",
+    "partial_dir",
+    "train",
+    "train_only",
+]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -50,6 +59,42 @@ class Schedule:
     betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 0
     checkpoint_every: int = 50
+
+
+def fine_tune_schedule(
+    steps: int, batch_size: int, lr: float, seed: int, checkpoint_every: int = 50
+) -> Schedule:
+    """The schedule of everything trained from the public model (an expert, its dense
+    twin, router tuning, the joint MoE): a tenth of the steps warming up, no weight decay."""
+    return Schedule(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=max(1, steps // 10),
+        weight_decay=0.0,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+
+
+def train_only(
+    model: torch.nn.Module, keep: Callable[[str], bool]
+) -> dict[str, torch.nn.Parameter]:
+    """The parameters whose names ``keep`` accepts, made trainable (kit.modelio.build_model
+    freezes every one): what ``train`` is given."""
+    params = {n: p for n, p in model.named_parameters() if keep(n)}
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def partial_dir(out: Path, force: bool) -> Path:
+    """``OUT.partial``, where a run keeps its checkpoint until ``out`` is written; ``force``
+    removes an old one (every rank does this; one of them wins)."""
+    work = out.with_name(out.name + ".partial")
+    if force and work.exists():
+        shutil.rmtree(work, ignore_errors=True)
+    return work
 
 
 def lr_at(step: int, s: Schedule) -> float:

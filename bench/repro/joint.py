@@ -25,7 +25,7 @@ from kit.documents import Documents
 from kit.embed import read_embedding
 from kit.expert import read_public
 from kit.modelio import atomic_dir, build_model, load_tokenizer, prepare_out, save_model
-from kit.trainer import Schedule, train
+from kit.trainer import fine_tune_schedule, partial_dir, train, train_only
 
 __all__ = ["train_joint"]
 
@@ -72,19 +72,9 @@ def train_joint(
     torch.manual_seed(seed)
     model = build_model(moe, joint)
     model.to(world.device)  # type: ignore[arg-type]  # transformers types .to oddly
-    params = {k: p for k, p in model.named_parameters() if ".mlp." in k}
-    for p in params.values():
-        p.requires_grad_(True)
-    schedule = Schedule(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup=max(1, steps // 10),
-        weight_decay=0.0,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-    )
-    work = out.with_name(out.name + ".partial")
+    params = train_only(model, lambda k: ".mlp." in k)
+    schedule = fine_tune_schedule(steps, batch_size, lr, seed, checkpoint_every)
+    work = partial_dir(out, force=False)
     result = train(model, params, blocks, schedule, work, world, label="joint MoE")
     if world.main:
         model.to("cpu")  # type: ignore[arg-type]
