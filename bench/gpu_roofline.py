@@ -41,9 +41,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype, reps: int = 10) -> float:
-    """Best matrix-multiply throughput of ``device`` in ``dtype`` (TFLOP/s)."""
-    n = 8192 if device.type == "cuda" else 1024
+def matmul_tflops(
+    device: torch.device, dtype: torch.dtype, reps: int = 10, n: int | None = None
+) -> float:
+    """Best ``n x n`` matrix-multiply throughput of ``device`` in ``dtype`` (TFLOP/s); ``n``
+    defaults to 8192 on a GPU, 1024 on the CPU."""
+    n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
