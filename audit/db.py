@@ -10,6 +10,7 @@ import asyncio
 import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -106,6 +107,34 @@ def sync_sqlite_engine(engine: AsyncEngine) -> Engine | None:
     sync = create_engine(url.set(drivername="sqlite"))
     event.listen(sync, "connect", sqlite_on_connect)
     return sync
+
+
+class SqliteThread:
+    """A synchronous engine on an async engine's SQLite file and the one thread that uses it
+    (`sync_sqlite_engine`): `run(fn)` runs `fn(engine)` there. The thread is started by the
+    first run and ended by `close()`, which may come twice; a run after it starts another."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.engine = engine
+        self._name = name
+        self._thread: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def of(cls, engine: AsyncEngine, name: str) -> SqliteThread | None:
+        """One for `engine`'s file; None where `sync_sqlite_engine` gives none."""
+        sync = sync_sqlite_engine(engine)
+        return None if sync is None else cls(sync, name)
+
+    async def run(self, fn: Callable[[Engine], T]) -> T:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix=self._name)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, self.engine)
+
+    async def close(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(thread, self.engine.dispose)
+            thread.shutdown(wait=False)
 
 
 def create_private_file(path: Path) -> None:

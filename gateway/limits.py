@@ -41,12 +41,12 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sqlalchemy import (
     Connection,
+    Engine,
     Table,
     bindparam,
     delete,
@@ -61,10 +61,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from audit.db import (
+    SqliteThread,
     is_sqlite,
     make_engine,
     make_sessionmaker,
-    sync_sqlite_engine,
     translate_errors,
 )
 from contracts.settings import Settings
@@ -310,20 +310,16 @@ class Limiter:
         self._queue: list[_Release | _Admit] = []
         self._runner: asyncio.Task[None] | None = None
         self._sql = _Statements(self._pg)
-        self._sync_engine = sync_sqlite_engine(self.engine)
-        if self._sync_engine is not None:  # the same relaxed durability as the async engine's
-            event.listen(self._sync_engine, "connect", _relaxed_sqlite)
-        self._thread: ThreadPoolExecutor | None = None
+        self._sqlite = SqliteThread.of(self.engine, "rate-limiter")
+        if self._sqlite is not None:  # the same relaxed durability as the async engine's
+            event.listen(self._sqlite.engine, "connect", _relaxed_sqlite)
 
     async def close(self) -> None:
         """Apply what is queued, then let go of the database."""
         while self._runner is not None and not self._runner.done():
             await asyncio.wait({self._runner})
-        thread, self._thread = self._thread, None
-        if thread is not None:  # a later batch starts another (close() may come twice)
-            assert self._sync_engine is not None
-            await asyncio.get_running_loop().run_in_executor(thread, self._sync_engine.dispose)
-            thread.shutdown(wait=False)
+        if self._sqlite is not None:
+            await self._sqlite.close()
         if self._own_engine:
             await self.engine.dispose()
 
@@ -421,19 +417,15 @@ class Limiter:
         same function runs there through `run_sync`, as it does on an in-memory SQLite
         database (which another connection could not see)."""
         async with translate_errors():
-            if self._sync_engine is not None:
-                if self._thread is None:
-                    self._thread = ThreadPoolExecutor(1, thread_name_prefix="rate-limiter")
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._thread, self._apply_sqlite, batch)
+            if self._sqlite is not None:
+                return await self._sqlite.run(lambda engine: self._apply_sqlite(engine, batch))
             async with self.engine.begin() as conn:
                 if self._pg:
                     await conn.execute(text("SET LOCAL synchronous_commit = off"))
                 return await conn.run_sync(self._apply_in, batch)
 
-    def _apply_sqlite(self, batch: list[_Release | _Admit]) -> list[Any]:
-        assert self._sync_engine is not None
-        with self._sync_engine.begin() as conn:
+    def _apply_sqlite(self, engine: Engine, batch: list[_Release | _Admit]) -> list[Any]:
+        with engine.begin() as conn:
             return self._apply_in(conn, batch)
 
     def _apply_in(self, conn: Connection, batch: list[_Release | _Admit]) -> list[Any]:

@@ -12,11 +12,11 @@ the pool.
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
+from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from audit.db import sync_sqlite_engine
+from audit.db import SqliteThread
 from governance.changes import read_version, read_version_sync
 
 
@@ -28,10 +28,9 @@ class VersionReads:
     ) -> None:
         """`engine`: the sessions' engine; on a SQLite file each read then runs on a thread
         of its own with a synchronous connection, one hand-off instead of several per read
-        through aiosqlite (audit.db.sync_sqlite_engine)."""
+        through aiosqlite (audit.db.SqliteThread)."""
         self._sessionmaker = sessionmaker
-        self._sync = None if engine is None else sync_sqlite_engine(engine)
-        self._thread: ThreadPoolExecutor | None = None
+        self._sqlite = None if engine is None else SqliteThread.of(engine, "policy-version")
         self._next: asyncio.Future[int] | None = None
         """The read that has not started yet: requests arriving now wait for it."""
         self._reader: asyncio.Task[None] | None = None
@@ -65,22 +64,17 @@ class VersionReads:
                 done.set_result(version)
 
     async def _read(self) -> int:
-        if self._sync is None:
+        if self._sqlite is None:
             async with self._sessionmaker() as session:
                 return await read_version(session)
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="policy-version")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._read_sync)
-
-    def _read_sync(self) -> int:
-        assert self._sync is not None
-        with self._sync.connect() as connection:
-            return read_version_sync(connection)
+        return await self._sqlite.run(_read_sync)
 
     async def close(self) -> None:
         """Let go of the synchronous engine and its thread (a later read starts them again)."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            assert self._sync is not None
-            await asyncio.get_running_loop().run_in_executor(thread, self._sync.dispose)
-            thread.shutdown(wait=False)
+        if self._sqlite is not None:
+            await self._sqlite.close()
+
+
+def _read_sync(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return read_version_sync(connection)

@@ -109,7 +109,7 @@ async def test_reads_on_a_real_database_see_each_committed_change(db_url: str) -
     other = make_engine(db_url)
     reads = VersionReads(make_sessionmaker(db), db)
     try:
-        assert (reads._sync is not None) == db_url.startswith("sqlite")
+        assert (reads._sqlite is not None) == db_url.startswith("sqlite")
         async with make_sessionmaker(other)() as s:
             before = await read_version(s)
         assert await reads.current() == before
