@@ -109,7 +109,9 @@ def train_dense(
             for proj in PROJ:
                 tensors[f"layers.{i}.{proj}.weight"] = getattr(ffn, proj).weight.detach()
             tensors[f"layers.{i}.router"] = emb[i]
-        manifest = base_manifest(expert_id, owner, description, config, state, docs, blocks)
+        manifest = base_manifest(
+            expert_id, owner, description, config, fingerprint(state), docs, blocks
+        )
         manifest.update(
             {
                 "training": TRAINING,

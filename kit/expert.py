@@ -219,6 +219,7 @@ def train_expert(
     prepare_out(out, force)
     world = world or init_world()
     config, state = read_public(public)
+    public_fp = fingerprint(state)  # once: it reads every public weight
     if router_init == "random":
         emb = random_rows(config.num_hidden_layers, config.hidden_size, seed)
     else:
@@ -249,7 +250,7 @@ def train_expert(
             "router_bias": bias,
             "router_bias_init": bias_init if bias else None,
             "router_init": router_init,
-            "public_fingerprint": fingerprint(state),
+            "public_fingerprint": public_fp,
             "embedding_sha256": None
             if embedding_file is None
             else hashlib.sha256(embedding_file.read_bytes()).hexdigest(),
@@ -258,7 +259,7 @@ def train_expert(
     if len(result.losses) < steps:
         return ExpertRun(out, model, result.losses, complete=False)
     if world.main:
-        manifest = base_manifest(expert_id, owner, description, config, state, docs, blocks)
+        manifest = base_manifest(expert_id, owner, description, config, public_fp, docs, blocks)
         manifest.update(
             {
                 "tokens_seen": result.tokens,
@@ -293,17 +294,18 @@ def base_manifest(
     owner: str,
     description: str | None,
     config: Any,
-    state: dict[str, torch.Tensor],
+    public_fingerprint: str,
     docs: Documents,
     blocks: torch.Tensor,
 ) -> dict[str, Any]:
-    """The manifest fields that say who trained what on which public model (no text)."""
+    """The manifest fields that say who trained what on which public model (no text);
+    ``public_fingerprint`` is kit.modelio.fingerprint of the public model's tensors."""
     return {
         "format": FORMAT,
         "id": expert_id,
         "owner": owner,
         "description": description or f"expert {expert_id}",
-        "public_fingerprint": fingerprint(state),
+        "public_fingerprint": public_fingerprint,
         "public_shapes": {
             "hidden_size": config.hidden_size,
             "intermediate_size": config.intermediate_size,
